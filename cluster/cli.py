@@ -1,0 +1,114 @@
+"""The `unsup3d` command: train, evaluate, generate synthetic data, prepare shards.
+
+This module composes the packages (DESIGN: cluster is the only composer). Heavy imports happen inside
+the subcommands so that `unsup3d --help` is instant and a bad config fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_run_config
+    from trainer.train import train
+
+    config = load_run_config(args.config)
+    if args.out_dir:
+        config.train.out_dir = args.out_dir
+    if args.max_steps is not None:
+        config.train.max_steps = args.max_steps
+    result = train(config)
+    print(json.dumps({"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate
+
+    results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                       device=args.device, on_error=args.on_error)
+    text = json.dumps(results, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from trainer.synthetic import main_generate
+
+    counts = main_generate(args.out, args.image_size, args.num_train, args.num_val, args.num_test, args.seed)
+    print(json.dumps(counts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unsup3d", description="Unsup3D: 3D shape from single images, at scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a run from a YAML config")
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--out-dir", help="override train.out_dir")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="SIDE and MAD of a checkpoint on a synface-layout folder, as JSON")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest)")
+    p.add_argument("--data", required=True, help="folder with <split>/image/*_image.png and <split>/depth/*_depth.png")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="unreadable or unpaired files: skip and count them (default) or stop")
+    p.add_argument("--output", help="also write the JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="write synthetic probably-symmetric objects in the synface layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=100)
+    p.add_argument("--num-test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    try:
+        from data_pipeline.cli import add_prepare_subcommand
+    except ImportError:
+        pass  # the data pipeline extra is not installed
+    else:
+        add_prepare_subcommand(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    from trainer.checkpoint import CheckpointError
+    from trainer.config_loading import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+        # Bad input: a one-line message that names what was wrong, not a traceback.
+        print(f"unsup3d {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The run configuration: one YAML file per run (per category), one typed section per component.
+
+The dataclass defaults are the reference recipe (SPEC sections 2, 4, 5) for 64 px faces.
+`configs/default.yaml` overrides them into the small CPU run that trains end to end on a laptop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.config_loading import ConfigError, load_yaml_config, to_dict
+from trainer.perceptual import PerceptualConfig
+
+
+@dataclass
+class ModelConfig:
+    """Network widths, image size and the ranges that map net outputs to depth, light and view."""
+
+    image_size: int = 64
+    """Input and output resolution in pixels; a power of two >= 64."""
+    depth_nf: int = 64
+    """Base width of the depth EncDec."""
+    depth_zdim: int = 256
+    """Bottleneck width of the depth EncDec."""
+    albedo_nf: int = 64
+    """Base width of the albedo EncDec."""
+    albedo_zdim: int = 256
+    """Bottleneck width of the albedo EncDec."""
+    light_nf: int = 32
+    """Base width of the light encoder."""
+    view_nf: int = 32
+    """Base width of the view encoder."""
+    conf_nf: int = 64
+    """Base width of the confidence net."""
+    conf_zdim: int = 128
+    """Bottleneck width of the confidence net."""
+    use_confidence: bool = True
+    """Predict sigma maps; False trains with plain L1 and MSE (the synthetic cars recipe)."""
+    min_depth: float = 0.9
+    """Nearest canonical depth."""
+    max_depth: float = 1.1
+    """Farthest canonical depth."""
+    border_depth: float | None = None
+    """Depth written into the 2 leftmost and rightmost columns; None means 0.7*max + 0.3*min."""
+    max_rotation_degrees: float = 60.0
+    """View rotation for a view-net output of +-1, about each camera axis."""
+    xy_translation: float = 0.1
+    """View translation in x and y for a view-net output of +-1."""
+    z_translation: float = 0.0
+    """View translation in z for an output of +-1 (0 for faces and cars, 0.1 for cats)."""
+    supersample: int = 1
+    """Render depth at this multiple of the resolution and average-pool (the reference used 2)."""
+
+    def __post_init__(self):
+        if self.min_depth >= self.max_depth:
+            raise ValueError(f"min_depth ({self.min_depth}) must be below max_depth ({self.max_depth})")
+        if self.supersample not in (1, 2):
+            raise ValueError(f"supersample must be 1 or 2, got {self.supersample}")
+
+    @property
+    def resolved_border_depth(self) -> float:
+        if self.border_depth is not None:
+            return self.border_depth
+        return 0.7 * self.max_depth + 0.3 * self.min_depth
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (SPEC 4)."""
+
+    lam_flip: float = 0.5
+    """Weight of the flipped branch's photometric and perceptual losses."""
+    lam_perc: float = 1.0
+    """Weight of the perceptual loss (0 disables the perceptual net's use)."""
+    lam_smooth: float = 0.0
+    """Weight of the depth smoothness term (0.1 for synthetic cars and higher resolutions)."""
+    lam_flip_warmup: float | None = None
+    """lam_flip used during the first lam_flip_warmup_epochs epochs (cats: 1.0 for 10 epochs)."""
+    lam_flip_warmup_epochs: int = 0
+    """Number of epochs lam_flip_warmup applies to."""
+
+    def lam_flip_at(self, epoch: int) -> float:
+        if self.lam_flip_warmup is not None and epoch < self.lam_flip_warmup_epochs:
+            return self.lam_flip_warmup
+        return self.lam_flip
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam on every net (SPEC 5)."""
+
+    lr: float = 1e-4
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    weight_decay: float = 5e-4
+    """L2 weight decay (torch Adam's, as the reference)."""
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic objects generated into data.root when it does not exist yet."""
+
+    num_train: int = 2000
+    """Training images."""
+    num_val: int = 100
+    """Validation images."""
+    num_test: int = 200
+    """Test images."""
+    seed: int = 0
+    """Generator seed (independent of the training seed)."""
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from and how they are batched."""
+
+    root: str = "data/synthetic"
+    """A folder in the synface layout (<root>/<split>/image/<name>_image.png, depth optional)."""
+    split: str = "train"
+    """Split folder to train on."""
+    batch_size: int = 64
+    """Images per step per process."""
+    hflip_probability: float = 0.5
+    """Random horizontal flip, the reference's only augmentation."""
+    generate_if_missing: SyntheticDataConfig | None = None
+    """When set and root does not exist, generate synthetic data there first."""
+
+
+@dataclass
+class TrainConfig:
+    """Length, logging and checkpointing of a run."""
+
+    out_dir: str = "runs/default"
+    """Checkpoints, the resolved config and logs go here."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and augmentation."""
+    epochs: int = 30
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 20
+    """Print and record metrics every this many steps."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'."""
+    autocast_dtype: str = "none"
+    """Run the nets under torch.autocast with 'bf16' or 'fp16'; 'none' is float32. The renderer and losses stay float32."""
+
+    def __post_init__(self):
+        if self.autocast_dtype not in ("none", "bf16", "fp16"):
+            raise ValueError(f"autocast_dtype must be none, bf16 or fp16, got {self.autocast_dtype!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; one section per component."""
+
+    category: str = "synthetic"
+    """Object category, used in names and metric labels."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The five nets and output ranges."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights."""
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    """The frozen perceptual backbone."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer settings."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length and checkpoints."""
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run config YAML; unknown keys and wrong types raise ConfigError naming key and file."""
+    return load_yaml_config(RunConfig, path)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
+
+
+def model_config_hash(config: ModelConfig) -> str:
+    """Identifies the architecture a checkpoint was made with."""
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "dump_config",
+    "load_run_config",
+    "model_config_hash",
+]

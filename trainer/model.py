@@ -1,0 +1,181 @@
+"""Unsup3D: the five nets, the photo-geometric autoencoding through the renderer, and the loss.
+
+The nets may run under autocast; everything from their outputs on (output mappings, renderer,
+losses) runs in float32, because depth differences of 1e-3 matter to the rasterizer and normals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.config import LossConfig, ModelConfig
+from trainer.losses import perceptual_loss, photometric_loss, smoothness_loss
+from trainer.nets import ConfidenceNet, Encoder, EncoderDecoder
+from trainer.perceptual import PerceptualNet
+from trainer.render.geometry import view_to_rotation_translation
+from trainer.render.renderer import Renderer, RendererConfig
+
+
+def map_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Map [-1, 1] to [low, high]."""
+    return (1 + x) / 2 * high + (1 - x) / 2 * low
+
+
+@dataclass
+class Decomposition:
+    """What the model infers from a batch of B images (canonical maps and the input-view renders).
+
+    Tensors with a leading 2B hold the original branch first and the flipped branch second.
+    """
+
+    canon_depth_raw: torch.Tensor  # [B, H, W] before the border overwrite (for the smoothness term)
+    canon_depth: torch.Tensor  # [2B, H, W]
+    canon_albedo: torch.Tensor  # [2B, 3, H, W]
+    canon_normal: torch.Tensor  # [2B, H, W, 3]
+    canon_shading: torch.Tensor  # [2B, 1, H, W]
+    canon_image: torch.Tensor  # [2B, 3, H, W]
+    light: torch.Tensor  # [B, 4] raw light-net output
+    view: torch.Tensor  # [B, 6] raw view-net output
+    view_depth: torch.Tensor  # [2B, H, W] depth rendered in the input view
+    recon_image: torch.Tensor  # [2B, 3, H, W]
+    recon_mask: torch.Tensor  # [2B, 1, H, W] product of both branches' masks, detached
+    sigma_photometric: torch.Tensor | None  # [2B, 1, H, W]
+    sigma_perceptual: torch.Tensor | None  # [2B, 1, H/4, W/4]
+
+
+class Unsup3D(nn.Module):
+    """The five independent nets (SPEC 2) with the renderer in between (SPEC 3)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        size = config.image_size
+        self.depth_net = EncoderDecoder(1, config.depth_nf, config.depth_zdim, size)
+        self.albedo_net = EncoderDecoder(3, config.albedo_nf, config.albedo_zdim, size, activation=nn.Tanh())
+        self.light_net = Encoder(4, config.light_nf, size)
+        self.view_net = Encoder(6, config.view_nf, size)
+        self.confidence_net = ConfidenceNet(config.conf_nf, config.conf_zdim, size) if config.use_confidence else None
+        self.renderer = Renderer(
+            RendererConfig(
+                image_size=size,
+                min_depth=config.min_depth,
+                max_depth=config.max_depth,
+                supersample=config.supersample,
+            )
+        )
+
+    def canonical_depth(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw depth-net output [B, H, W] -> canonical depth in [min, max] (SPEC 2), before the border overwrite."""
+        raw = raw - raw.mean(dim=(1, 2), keepdim=True)
+        return map_range(torch.tanh(raw), self.config.min_depth, self.config.max_depth)
+
+    def with_border(self, depth: torch.Tensor) -> torch.Tensor:
+        border = self.config.resolved_border_depth
+        columns = torch.zeros(depth.shape[-1], dtype=torch.bool, device=depth.device)
+        columns[:2] = True
+        columns[-2:] = True
+        return torch.where(columns, torch.full_like(depth, border), depth)
+
+    def view_transform(self, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return view_to_rotation_translation(
+            view, max_angle_degrees=cfg.max_rotation_degrees, xy_range=cfg.xy_translation, z_range=cfg.z_translation
+        )
+
+    def decompose(self, image: torch.Tensor) -> Decomposition:
+        """Infer depth, albedo, light and view from images [B, 3, H, W] in [-1, 1] and render both branches."""
+        cfg = self.config
+        depth_raw = self.depth_net(image)[:, 0].float()
+        albedo = self.albedo_net(image).float()
+        light = self.light_net(image).float()
+        view = self.view_net(image).float()
+        sigmas = self.confidence_net(image) if self.confidence_net is not None else None
+
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            canon_depth_raw = self.canonical_depth(depth_raw)
+            depth = self.with_border(canon_depth_raw)
+            canon_depth = torch.cat([depth, depth.flip(-1)])
+            canon_albedo = torch.cat([albedo, albedo.flip(-1)])
+
+            k_ambient = map_range(light[:, 0], 0.0, 1.0).repeat(2)
+            k_diffuse = map_range(light[:, 1], 0.0, 1.0).repeat(2)
+            direction = torch.cat([light[:, 2:4], torch.ones_like(light[:, :1])], dim=1)
+            direction = (direction / direction.norm(dim=1, keepdim=True)).repeat(2, 1)
+
+            canon_normal = self.renderer.normals(canon_depth)
+            canon_image, canon_shading = self.renderer.shade(canon_albedo, canon_normal, k_ambient, k_diffuse, direction)
+
+            rotation, translation = self.view_transform(view)
+            rotation, translation = rotation.repeat(2, 1, 1), translation.repeat(2, 1)
+            view_depth = self.renderer.render_depth(canon_depth, rotation, translation)
+            recon_image = self.renderer.warp_canonical(canon_image, view_depth, rotation, translation)
+
+            batch = image.shape[0]
+            mask = self.renderer.recon_mask(view_depth)
+            mask_both = (mask[:batch] * mask[batch:]).detach().unsqueeze(1).repeat(2, 1, 1, 1)
+            recon_image = recon_image * mask_both
+
+            sigma_photometric = sigma_perceptual = None
+            if sigmas is not None:
+                photometric, perceptual = (s.float() for s in sigmas)
+                # channel 0 weights the original branch, channel 1 the flipped one
+                sigma_photometric = torch.cat([photometric[:, 0:1], photometric[:, 1:2]])
+                sigma_perceptual = torch.cat([perceptual[:, 0:1], perceptual[:, 1:2]])
+
+        return Decomposition(
+            canon_depth_raw=canon_depth_raw,
+            canon_depth=canon_depth,
+            canon_albedo=canon_albedo,
+            canon_normal=canon_normal,
+            canon_shading=canon_shading,
+            canon_image=canon_image,
+            light=light,
+            view=view,
+            view_depth=view_depth,
+            recon_image=recon_image,
+            recon_mask=mask_both,
+            sigma_photometric=sigma_photometric,
+            sigma_perceptual=sigma_perceptual,
+        )
+
+
+class Unsup3DLoss(nn.Module):
+    """L = L_photo + lam_flip L_photo_flip + lam_perc (L_perc + lam_flip L_perc_flip) + lam_smooth L_smooth."""
+
+    def __init__(self, config: LossConfig, perceptual_net: PerceptualNet | None, model_config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.perceptual_net = perceptual_net
+        self.min_depth, self.max_depth = model_config.min_depth, model_config.max_depth
+
+    def forward(self, image: torch.Tensor, out: Decomposition, epoch: int = 0) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = image.shape[0]
+        target = image.float()
+        mask = out.recon_mask
+        sig_l1 = out.sigma_photometric
+        terms: dict[str, torch.Tensor] = {}
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            for name, part in (("photometric", slice(0, batch)), ("photometric_flip", slice(batch, 2 * batch))):
+                terms[name] = photometric_loss(
+                    out.recon_image[part], target, None if sig_l1 is None else sig_l1[part], mask[part]
+                )
+            lam_flip = cfg.lam_flip_at(epoch)
+            total = terms["photometric"] + lam_flip * terms["photometric_flip"]
+            if self.perceptual_net is not None and cfg.lam_perc > 0:
+                features_target = self.perceptual_net(target)
+                features_recon = self.perceptual_net(out.recon_image)
+                sig_perc = out.sigma_perceptual
+                for name, part in (("perceptual", slice(0, batch)), ("perceptual_flip", slice(batch, 2 * batch))):
+                    terms[name] = perceptual_loss(
+                        features_recon[part], features_target, None if sig_perc is None else sig_perc[part], mask[part]
+                    )
+                total = total + cfg.lam_perc * (terms["perceptual"] + lam_flip * terms["perceptual_flip"])
+            if cfg.lam_smooth > 0:
+                terms["smooth"] = smoothness_loss(out.canon_depth_raw, self.min_depth, self.max_depth)
+                total = total + cfg.lam_smooth * terms["smooth"]
+        terms["total"] = total
+        return terms
