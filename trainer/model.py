@@ -17,6 +17,7 @@ from trainer.nets import ConfidenceNet, Encoder, EncoderDecoder
 from trainer.perceptual import PerceptualNet
 from trainer.render.geometry import view_to_rotation_translation
 from trainer.render.renderer import Renderer, RendererConfig
+from trainer.timing import NO_TIMER, SectionTimer
 
 
 def map_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -85,16 +86,16 @@ class Unsup3D(nn.Module):
             view, max_angle_degrees=cfg.max_rotation_degrees, xy_range=cfg.xy_translation, z_range=cfg.z_translation
         )
 
-    def decompose(self, image: torch.Tensor) -> Decomposition:
+    def decompose(self, image: torch.Tensor, timer: SectionTimer = NO_TIMER) -> Decomposition:
         """Infer depth, albedo, light and view from images [B, 3, H, W] in [-1, 1] and render both branches."""
-        cfg = self.config
-        depth_raw = self.depth_net(image)[:, 0].float()
-        albedo = self.albedo_net(image).float()
-        light = self.light_net(image).float()
-        view = self.view_net(image).float()
-        sigmas = self.confidence_net(image) if self.confidence_net is not None else None
+        with timer("nets_forward"):
+            depth_raw = self.depth_net(image)[:, 0].float()
+            albedo = self.albedo_net(image).float()
+            light = self.light_net(image).float()
+            view = self.view_net(image).float()
+            sigmas = self.confidence_net(image) if self.confidence_net is not None else None
 
-        with torch.autocast(device_type=image.device.type, enabled=False):
+        with timer("render"), torch.autocast(device_type=image.device.type, enabled=False):
             canon_depth_raw = self.canonical_depth(depth_raw)
             depth = self.with_border(canon_depth_raw)
             canon_depth = torch.cat([depth, depth.flip(-1)])
@@ -151,7 +152,8 @@ class Unsup3DLoss(nn.Module):
         self.perceptual_net = perceptual_net
         self.min_depth, self.max_depth = model_config.min_depth, model_config.max_depth
 
-    def forward(self, image: torch.Tensor, out: Decomposition, epoch: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, out: Decomposition, epoch: int = 0,
+                timer: SectionTimer = NO_TIMER) -> dict[str, torch.Tensor]:
         cfg = self.config
         batch = image.shape[0]
         target = image.float()
@@ -166,8 +168,9 @@ class Unsup3DLoss(nn.Module):
             lam_flip = cfg.lam_flip_at(epoch)
             total = terms["photometric"] + lam_flip * terms["photometric_flip"]
             if self.perceptual_net is not None and cfg.lam_perc > 0:
-                features_target = self.perceptual_net(target)
-                features_recon = self.perceptual_net(out.recon_image)
+                with timer("perceptual_forward"):
+                    features_target = self.perceptual_net(target)
+                    features_recon = self.perceptual_net(out.recon_image)
                 sig_perc = out.sigma_perceptual
                 for name, part in (("perceptual", slice(0, batch)), ("perceptual_flip", slice(batch, 2 * batch))):
                     terms[name] = perceptual_loss(
