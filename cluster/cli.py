@@ -91,8 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass  # the data pipeline extra is not installed
     else:
-        add_prepare_subcommand(sub)
+        add_prepare_subcommand(sub, synthetic_generator=_generate_synthetic)
     return parser
+
+
+def _generate_synthetic(root, args: argparse.Namespace) -> None:
+    """`prepare --source synthetic`: data_pipeline knows no model code, so the generator is handed in."""
+    from trainer.synthetic import main_generate
+
+    main_generate(str(root), args.image_size or 64, args.num_samples, 0, 0, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,34 @@
+"""Sharded data for Unsup3D: `prepare` writes tar shards + DALI index files + a manifest (local or S3);
+`TrainLoader` streams this rank's shards with webdataset, validates every sample, decodes and augments
+with DALI and yields batches of tensors, with a resumable position. No model or DeepSpeed imports here.
+
+    from data_pipeline import LoaderConfig, TrainLoader
+    loader = TrainLoader(LoaderConfig(shards="s3://bucket/faces/train"), rank=r, world_size=n, device=device)
+
+Heavy modules (DALI, s3fs, webdataset) load on first use of the names that need them.
+"""
+
+from data_pipeline.config import DataConfigError, LoaderConfig, PrepareConfig, RetryConfig, S3Config, from_dict
+
+__all__ = ["DataConfigError", "LoaderConfig", "PrepareConfig", "RetryConfig", "S3Config", "from_dict",
+           "TrainLoader", "prepare_dataset", "prepare_synthetic", "load_manifest", "open_storage"]
+
+
+def __getattr__(name):
+    if name == "TrainLoader":
+        from data_pipeline.loader import TrainLoader
+
+        return TrainLoader
+    if name in ("prepare_dataset", "prepare_synthetic"):
+        import data_pipeline.prepare as module
+
+        return getattr(module, name)
+    if name == "load_manifest":
+        from data_pipeline.shards import load_manifest
+
+        return load_manifest
+    if name == "open_storage":
+        from data_pipeline.storage import open_storage
+
+        return open_storage
+    raise AttributeError(name)
