@@ -441,17 +441,13 @@ def _renderer(size: int, factor: int):
     of view does not pool back onto the size-pixel camera (a 0.8% zoom at 2x). Its camera is swapped
     for the supersampled camera of the size-pixel one (what the renderer's own supersample option
     uses for rasterising), so that the pooled images and depths are exactly those of the model's
-    camera. This touches the renderer's camera attributes, checked here and by the tests.
+    camera (passed with the renderer's camera argument).
     """
     from trainer.render.renderer import Renderer, RendererConfig, supersampled_intrinsics
 
-    renderer = Renderer(RendererConfig(image_size=size * factor, min_depth=NEAR_DEPTH, max_depth=FAR_DEPTH))
-    if factor > 1:
-        if not (hasattr(renderer, "_K") and hasattr(renderer, "_K_render")):
-            raise RuntimeError("trainer.render.renderer.Renderer no longer keeps its camera in _K/_K_render")
-        K = supersampled_intrinsics(geometry.intrinsics(size, dtype=torch.float64), factor)
-        renderer._K = K
-        renderer._K_render = K
+    config = RendererConfig(image_size=size * factor, min_depth=NEAR_DEPTH, max_depth=FAR_DEPTH)
+    camera = supersampled_intrinsics(geometry.intrinsics(size, dtype=torch.float64), factor) if factor > 1 else None
+    renderer = Renderer(config, camera=camera)
     return renderer
 
 
