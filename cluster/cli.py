@@ -22,15 +22,24 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import load_run_config
-    from trainer.train import train
+    from cluster.job_config import load_job_config
+    from trainer.train import resolve_device, train
 
-    config = load_run_config(args.config)
+    config = load_job_config(args.config)
     if args.out_dir:
         config.train.out_dir = args.out_dir
     if args.max_steps is not None:
         config.train.max_steps = args.max_steps
-    result = train(config)
+    data = None
+    if config.stream is not None:
+        from cluster.streaming import StreamingBatches
+
+        data = StreamingBatches(config.stream, device=resolve_device(config.train.device))
+    try:
+        result = train(config, data)
+    finally:
+        if data is not None:
+            data.close()
     print(json.dumps({"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}))
     return 0
 

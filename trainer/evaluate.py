@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from trainer.checkpoint import CheckpointError, load_checkpoint
-from trainer.config import RunConfig
+from trainer.config import ModelConfig
 from trainer.config_loading import from_dict
 from trainer.metrics import evaluation_mask, mad_error, side_error, summarize
 from trainer.model import Unsup3D
@@ -24,17 +24,18 @@ log = logging.getLogger(__name__)
 REFERENCE_EPS = 1e-7
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Unsup3D, RunConfig, int]:
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Unsup3D, ModelConfig, int]:
     """Rebuild the model a checkpoint was trained with, from the config stored inside it."""
     state = load_checkpoint(checkpoint, map_location=device)
     for key in ("config_yaml", "model"):
         if key not in state:
             raise CheckpointError(f"{checkpoint} has no '{key}' entry: not a checkpoint written by unsup3d train")
-    config = from_dict(RunConfig, yaml.safe_load(state["config_yaml"]))
-    model = Unsup3D(config.model).to(device)
+    # Only the model section matters here; the rest may hold sections of other packages.
+    model_config = from_dict(ModelConfig, yaml.safe_load(state["config_yaml"]).get("model"), "model")
+    model = Unsup3D(model_config).to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, config, int(state.get("step", 0))
+    return model, model_config, int(state.get("step", 0))
 
 
 def average_training_depth(data_dir: Path, image_size: int, on_error: str) -> torch.Tensor | None:
@@ -63,8 +64,8 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
              on_error: str = "skip") -> dict:
     """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, config, step = load_model(checkpoint, torch_device)
-    size = config.model.image_size
+    model, model_config, step = load_model(checkpoint, torch_device)
+    size = model_config.image_size
     data_dir = Path(data)
     folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error)
     if len(folder) == 0:

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -91,14 +92,25 @@ class TrainResult:
     images_per_second: float
 
 
-def train(config: RunConfig) -> TrainResult:
-    """Train (or resume) the run described by `config`."""
+class BatchSource(Protocol):
+    """What the loop needs of its data: endless batches dict(image [B,3,H,W] in [-1,1], ...), the
+    epoch of the next batch, the epoch length, and a resumable position."""
+
+    epoch: int
+    batches_per_epoch: int
+
+    def __next__(self) -> dict: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def train(config: RunConfig, data: BatchSource | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root."""
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
-    prepare_data(config)
 
     model = Unsup3D(config.model).to(device)
     perceptual = build_perceptual_net(config.perceptual) if config.loss.lam_perc > 0 else None
@@ -106,15 +118,17 @@ def train(config: RunConfig) -> TrainResult:
         perceptual = perceptual.to(device)
     criterion = Unsup3DLoss(config.loss, perceptual, config.model)
     optimizer = build_optimizer(model, config)
-    data = FolderBatches(
-        config.data.root,
-        config.data.split,
-        config.model.image_size,
-        config.data.batch_size,
-        config.train.seed,
-        config.data.hflip_probability,
-        device,
-    )
+    if data is None:
+        prepare_data(config)
+        data = FolderBatches(
+            config.data.root,
+            config.data.split,
+            config.model.image_size,
+            config.data.batch_size,
+            config.train.seed,
+            config.data.hflip_probability,
+            device,
+        )
     checkpoints = CheckpointManager(out_dir / "checkpoints", keep=config.train.keep_checkpoints)
     total_steps = config.train.max_steps or config.train.epochs * data.batches_per_epoch
     arch_hash = model_config_hash(config.model)
