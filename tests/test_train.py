@@ -109,3 +109,30 @@ def test_cli_reports_a_bad_config_key_with_the_file(tmp_path, capsys):
 def test_evaluate_on_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys, synthetic_root):
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(synthetic_root)]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_folder_written_by_another_tool(synthetic_root, tmp_path, capsys):
+    """Single-channel depth PNGs, RGBA images of another size, a corrupt file and an unpaired image:
+    the good pairs are evaluated, the bad ones skipped and counted by reason."""
+    from PIL import Image
+
+    train(small_config(synthetic_root, tmp_path / "run", max_steps=1))
+    folder = tmp_path / "foreign" / "test"
+    (folder / "image").mkdir(parents=True)
+    (folder / "depth").mkdir()
+    for i in range(3):
+        image = Image.open(synthetic_root / "test" / "image" / f"{i:06d}_image.png").convert("RGBA").resize((96, 96))
+        image.save(folder / "image" / f"face{i}_image.png")
+        depth = Image.open(synthetic_root / "test" / "depth" / f"{i:06d}_depth.png").getchannel(0)
+        depth.save(folder / "depth" / f"face{i}_depth.png")
+    (folder / "image" / "broken_image.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.open(synthetic_root / "test" / "depth" / "000000_depth.png").save(folder / "depth" / "broken_depth.png")
+    Image.open(synthetic_root / "test" / "image" / "000004_image.png").save(folder / "image" / "lonely_image.png")
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--data",
+                     str(tmp_path / "foreign"), "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["images"] == 3
+    assert sum(results["skipped"].values()) == 2 and results["skipped"].get("missing_depth") == 1
+    assert "not computed" in results["average_train_depth"]
+    capsys.readouterr()
