@@ -11,7 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${UNSUP3D_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${UNSUP3D_EXTRAS:-data,test}"
+EXTRAS="${UNSUP3D_EXTRAS:-engine,data,test}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[env] creating $VENV"
@@ -27,6 +27,16 @@ STAMP="$VENV/.unsup3d-install-stamp"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints-cpu.txt" | sha256sum | cut -d' ' -f1) ${#CONSTRAINTS[@]} $EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[env] installing unsup3d[$EXTRAS] into $VENV"
+  if [[ ",$EXTRAS," == *",engine,"* ]]; then
+    # DeepSpeed's setup.py imports torch, so it is built without isolation, after torch is in the
+    # venv; DS_BUILD_SHM_COMM=1 compiles its shared-memory comm op now instead of at the first
+    # deepspeed.initialize (about 140 s on a 2-core machine). The pin comes from pyproject.toml.
+    DEEPSPEED_PIN="$(grep -o '"deepspeed==[^"]*"' "$ROOT/pyproject.toml" | tr -d '"')"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONSTRAINTS[@]}" \
+      "torch>=2.4" setuptools wheel ninja
+    DS_BUILD_SHM_COMM=1 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      --no-build-isolation "${CONSTRAINTS[@]}" "$DEEPSPEED_PIN"
+  fi
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONSTRAINTS[@]}" -e "$ROOT[$EXTRAS]"
   echo "$WANT" > "$STAMP"
 fi

@@ -1,16 +1,38 @@
-"""Atomic, self-describing checkpoints: keep the last N, a `latest` pointer, safe loading.
+"""Atomic, self-describing checkpoints of a DeepSpeed run: keep the last N, a `latest` pointer, safe loading.
 
-A checkpoint is one file `step_<N>.pt` written as `<name>.tmp` and renamed into place, so a run
-killed mid-save never leaves a half-written file under a real name; `latest` is replaced the same
-way after the file is complete. Files are read with torch.load(weights_only=True): tensors and
-plain containers only, never arbitrary pickled objects.
+Layout of `<out_dir>/checkpoints`:
+
+    latest                  text: the name of the newest complete checkpoint ("step_00000500")
+    step_00000500/
+        ds/                 DeepSpeed's save_checkpoint (tag "ds"): module, optimizer, ZeRO partitions
+        state.pt            client state: step, epoch, each rank's data position and RNG states,
+                            model config hash, resolved config YAML, SHA-256 of every file under ds/
+        model.pt            the nets' float32 weights (master weights under bf16/fp16), for evaluation
+    .tmp_step_00000500/     a checkpoint being written; renamed to step_00000500 when complete
+
+Atomicity: every rank writes into the .tmp directory; rank 0 then writes state.pt and model.pt,
+fsyncs, renames the directory into place, and replaces `latest` by rename. A run killed at any
+moment leaves either the previous complete checkpoint or the new one, never a half-written one
+under a real name. Ranks must share the checkpoint directory (DeepSpeed's ZeRO checkpoints
+require the same).
+
+Loading never unpickles arbitrary objects. state.pt and model.pt are read with
+torch.load(weights_only=True). DeepSpeed 0.19.8 reads its own files with
+torch.load(weights_only=False) (runtime/checkpoint_engine/torch_checkpoint_engine.py);
+install_safe_deepspeed_loader replaces that with weights_only=True plus an allow-list of the few
+DeepSpeed classes its files hold, and the files are checked against the SHA-256 in state.pt first.
+
+`load_checkpoint` also reads the single-file `step_N.pt` checkpoints of earlier versions (for evaluation).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +40,32 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+LEGACY_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+DS_TAG = "ds"
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+FORMAT_VERSION = 2
+# Fault injection for tests: SIGKILL every rank in the middle of saving this step (after DeepSpeed
+# wrote its files, before the checkpoint is complete).
+KILL_IN_SAVE_ENV = "UNSUP3D_FAULT_KILL_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -34,8 +77,21 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ds_file_hashes(directory: Path) -> dict[str, str]:
+    ds = directory / DS_TAG
+    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(ds.rglob("*")) if p.is_file()}
+
+
 class CheckpointManager:
-    """Saves and finds checkpoints in one directory."""
+    """Saves and finds checkpoint directories in one folder."""
 
     def __init__(self, directory: str | Path, keep: int = 2):
         if keep < 1:
@@ -44,52 +100,162 @@ class CheckpointManager:
         self.keep = keep
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(step)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _atomic_write_bytes(self.directory / "latest", path.name.encode())
-        self._prune()
-        return path
+        return self.directory / f"step_{step:08d}"
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir()
+                 if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
+        return [p for _, p in sorted(found)]
+
+    def legacy_checkpoints(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := LEGACY_PATTERN.match(p.name))]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
         pointer = self.directory / "latest"
         if pointer.is_file():
             candidate = self.directory / pointer.read_text().strip()
-            if candidate.is_file():
+            if (candidate / STATE_FILE).is_file():
                 return candidate
-            log.warning("%s points at missing %s; using the newest checkpoint file instead", pointer, candidate.name)
+            log.warning("%s points at %s, which is not a complete checkpoint; using the newest complete one",
+                        pointer, candidate.name)
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def save(self, step: int, ds_engine, shared: dict[str, Any], per_rank: list[dict], model_state: dict | None,
+             rank: int) -> Path:
+        """Collective: every rank calls it. `shared` and `per_rank` (every rank's entry, the same list on
+        all ranks) must hold only tensors, numbers, strings, lists and dicts; `model_state` is rank 0's."""
+        from trainer.distributed import barrier
+
+        final = self.path_for(step)
+        tmp = self.directory / f".tmp_{final.name}"
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+            tmp.mkdir()
+        barrier()
+        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        barrier()
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+            log.warning("fault injection: killing rank %d in the middle of saving step %d", rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 0:
+            state = {**shared, "format_version": FORMAT_VERSION, "step": step,
+                     "ranks": {str(r): s for r, s in enumerate(per_rank)}, "world_size": len(per_rank),
+                     "ds_files": _ds_file_hashes(tmp)}
+            torch.save({"model": model_state, "step": step, "config_yaml": shared.get("config_yaml")}, tmp / MODEL_FILE)
+            torch.save(state, tmp / STATE_FILE)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_file(path)
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again after a rollback
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            _atomic_write_bytes(self.directory / "latest", final.name.encode())
+            self._prune()
+        barrier()
+        return final
+
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.directory.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        latest = CheckpointManager(path).latest()
-        if latest is None:
-            raise CheckpointError(f"no checkpoint found in {path}")
-        path = latest
+def _load_weights_only(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def read_state(checkpoint_dir: Path) -> dict:
+    """The client state of a checkpoint directory (weights_only)."""
+    state = _load_weights_only(Path(checkpoint_dir) / STATE_FILE)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint format {state.get('format_version')!r}, "
+                              f"this version reads {FORMAT_VERSION}")
+    return state
+
+
+def verify_ds_files(checkpoint_dir: Path, state: dict) -> None:
+    """DeepSpeed's files must be exactly the ones written with this state (no truncation, no swap)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    expected = state["ds_files"]
+    actual = {str(p.relative_to(checkpoint_dir)) for p in (checkpoint_dir / DS_TAG).rglob("*") if p.is_file()}
+    if actual != set(expected):
+        raise CheckpointError(f"{checkpoint_dir}: DeepSpeed files differ from the ones recorded in {STATE_FILE} "
+                              f"(missing {sorted(set(expected) - actual)}, unexpected {sorted(actual - set(expected))})")
+    for name, digest in expected.items():
+        if _sha256(checkpoint_dir / name) != digest:
+            raise CheckpointError(f"{checkpoint_dir / name} does not match the SHA-256 recorded in {STATE_FILE}")
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19.8 puts into its checkpoint files (found by saving
+    fp32/bf16/fp16 checkpoints with ZeRO 0/1/2 and loading them with weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def install_safe_deepspeed_loader(ds_engine) -> None:
+    """Make the engine read its checkpoint files with weights_only=True and a DeepSpeed allow-list."""
+    allowed = _deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path} safely: {error}") from error
+
+    ds_engine.checkpoint_engine.load = load
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The model weights and client state of a checkpoint: a checkpoint directory, a run's checkpoints
+    folder (its latest), or a single-file checkpoint of earlier versions. Returns a dict with step,
+    model (float32 state dict), config_yaml, model_config_hash, data (rank 0's position) and
+    data_ranks (every rank's)."""
+    path = Path(path)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        manager = CheckpointManager(path)
+        latest = manager.latest()
+        if latest is None:
+            legacy = manager.legacy_checkpoints()
+            if not legacy:
+                raise CheckpointError(f"no checkpoint found in {path}")
+            return _load_weights_only(legacy[-1], map_location)
+        path = latest
+    if path.is_file():
+        return _load_weights_only(path, map_location)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    state = read_state(path)
+    model = _load_weights_only(path / MODEL_FILE, map_location)
+    ranks = state["ranks"]
+    return {**{k: v for k, v in state.items() if k != "ranks"}, "model": model["model"],
+            "data": ranks["0"]["data"], "data_ranks": {int(r): s["data"] for r, s in ranks.items()}}
+
+
+def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, str, int]:
+    """(float32 model state dict, the run's config YAML, step) of a checkpoint, its run folder or a legacy file."""
+    state = load_checkpoint(path, map_location)
+    for key in ("config_yaml", "model"):
+        if state.get(key) is None:
+            raise CheckpointError(f"{path} has no '{key}' entry: not a checkpoint written by unsup3d train")
+    return state["model"], state["config_yaml"], int(state.get("step", 0))

@@ -27,11 +27,14 @@ class FolderBatches:
         seed: int,
         hflip_probability: float = 0.5,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         folder = SynfaceFolder(root, split, image_size=image_size)
-        if len(folder) < batch_size:
+        if len(folder) < batch_size * world_size:
             raise ValueError(
                 f"{root}/{split} holds {len(folder)} images, fewer than one batch of {batch_size} (data.batch_size)"
+                + (f" for each of {world_size} processes" if world_size > 1 else "")
             )
         samples = [folder[i] for i in range(len(folder))]
         self.keys = [s["name"] for s in samples]
@@ -42,12 +45,16 @@ class FolderBatches:
         self.seed = seed
         self.hflip_probability = hflip_probability
         self.device = torch.device(device)
+        # Data parallel: every rank follows the same seeded order and takes its own slice of each
+        # global batch of batch_size * world_size, so the ranks never see the same image in an epoch.
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.cursor = 0
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.keys) // self.batch_size
+        return len(self.keys) // (self.batch_size * self.world_size)
 
     def _epoch_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -62,13 +69,15 @@ class FolderBatches:
         return self
 
     def __next__(self) -> dict:
-        if self.cursor + self.batch_size > len(self.keys):  # drop the incomplete last batch
+        step = self.batch_size * self.world_size
+        if self.cursor + step > len(self.keys):  # drop the incomplete last batch
             self.epoch += 1
             self.cursor = 0
         order, flips = self._order_and_flips()
-        index = order[self.cursor : self.cursor + self.batch_size]
-        flip = flips[self.cursor : self.cursor + self.batch_size]
-        self.cursor += self.batch_size
+        start = self.cursor + self.rank * self.batch_size
+        index = order[start : start + self.batch_size]
+        flip = flips[start : start + self.batch_size]
+        self.cursor += step
         images = self.images[index].float() / 127.5 - 1
         depths = self.depths[index]
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)

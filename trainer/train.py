@@ -1,8 +1,14 @@
-"""The single-process training loop: build, resume, step, log, checkpoint.
+"""The training loop: build, resume, step, log, checkpoint, on a DeepSpeed engine.
 
-Side concerns stay small and separate (checkpoint.py, folder_data.py); later the same loop runs
-inside DeepSpeed and Ray workers. Resuming is automatic: if out_dir/checkpoints holds a checkpoint
-the run continues from it, including the data position and every RNG.
+Side concerns live in their own modules: the process group (distributed.py), the engine and its
+precision (engine.py), checkpoints (checkpoint.py), data (folder_data.py or any BatchSource).
+Resuming is automatic: if out_dir/checkpoints holds a checkpoint the run continues from it,
+including every rank's data position and every RNG, so the result is bit-identical to a run that
+was never interrupted. A step whose loss or gradients are not finite is skipped (all ranks agree);
+after engine.max_nonfinite_steps in a row the run rolls back to the last checkpoint.
+
+The loop runs on whatever process group it finds (torchrun, the DeepSpeed launcher, Ray Train) or a
+local world of one; metrics and logs come from rank 0.
 """
 
 from __future__ import annotations
@@ -18,21 +24,24 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from trainer.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from trainer.checkpoint import CheckpointError, CheckpointManager, read_state, verify_ds_files
 from trainer.config import RunConfig, dump_config, model_config_hash
+from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_process_group
+from trainer.engine import Engine, build_engine
 from trainer.folder_data import FolderBatches
-from trainer.model import Unsup3D, Unsup3DLoss
+from trainer.model import Unsup3DLoss
 from trainer.perceptual import build_perceptual_net
 
 log = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -67,11 +76,6 @@ def load_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_optimizer(model: Unsup3D, config: RunConfig) -> torch.optim.Optimizer:
-    opt = config.optimizer
-    return torch.optim.Adam(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-
-
 def prepare_data(config: RunConfig) -> None:
     """Generate the synthetic set into data.root when asked to and it is not there yet."""
     root = Path(config.data.root)
@@ -81,7 +85,7 @@ def prepare_data(config: RunConfig) -> None:
     from trainer.synthetic import main_generate
 
     log.info("generating synthetic data into %s", root)
-    main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed)
+    main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background)
 
 
 @dataclass
@@ -104,102 +108,228 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class NonFiniteTraining(RuntimeError):
+    """Training keeps producing non-finite losses or gradients and rollbacks did not help."""
+
+
+def fp32_model_state(engine: Engine) -> dict:
+    """The nets' float32 weights: the optimizer's master copy under bf16/fp16 (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = engine.module.state_dict()
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu().clone()
+    return {k: v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in state.items()}
+
+
+class Trainer:
+    """One run on one process of the group; `run()` trains to the end."""
+
+    def __init__(self, config: RunConfig, data: BatchSource | None = None):
+        self.config = config
+        self.out_dir = Path(config.train.out_dir)
+        self.group: ProcessGroup = init_process_group(resolve_device(config.train.device).type)
+        self.device = resolve_device(config.train.device, self.group.local_rank)
+        if self.group.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_config(config))
+        seed_everything(config.train.seed)
+        self.engine = build_engine(config, self.group.world_size, self.device)
+        perceptual = build_perceptual_net(config.perceptual) if config.loss.lam_perc > 0 else None
+        if perceptual is not None:
+            perceptual = perceptual.to(self.device)
+        self.criterion = Unsup3DLoss(config.loss, perceptual, config.model)
+        if data is None:
+            if self.group.is_main:
+                prepare_data(config)
+            from trainer.distributed import barrier
+
+            barrier()
+            data = FolderBatches(config.data.root, config.data.split, config.model.image_size, config.data.batch_size,
+                                 config.train.seed, config.data.hflip_probability, self.device,
+                                 rank=self.group.rank, world_size=self.group.world_size)
+        self.data = data
+        self.accumulation = self.engine.config.gradient_accumulation_steps
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints)
+        self.total_steps = config.train.max_steps or max(1, config.train.epochs * data.batches_per_epoch // self.accumulation)
+        self.arch_hash = model_config_hash(config.model)
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.rollbacks = 0
+        self.metrics_file = None
+        self._validation_images: torch.Tensor | None = None
+        self._first_images: torch.Tensor | None = None
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def restore(self, path: Path) -> None:
+        state = read_state(path)
+        if state["model_config_hash"] != self.arch_hash and not self.config.train.allow_other_model_config:
+            raise CheckpointError(
+                f"{path} was made with another model config (hash {state['model_config_hash']}, this run "
+                f"{self.arch_hash}); use another train.out_dir, restore the model section, or set "
+                "train.allow_other_model_config: true to load it anyway")
+        if state["world_size"] != self.group.world_size:
+            raise CheckpointError(f"{path} was saved by {state['world_size']} processes, this run has "
+                                  f"{self.group.world_size}: every rank's data position and ZeRO partition must match")
+        verify_ds_files(path, state)
+        try:
+            loaded, _ = self.engine.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True)
+        except CheckpointError:
+            raise
+        except Exception as error:  # shape mismatches and the like, from DeepSpeed or torch
+            raise CheckpointError(f"cannot load {path} into this model: {error}") from error
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")
+        mine = state["ranks"][str(self.group.rank)]
+        self.data.load_state_dict(mine["data"])
+        load_rng_state(mine["rng"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+
+    def save(self) -> Path:
+        per_rank = all_gather_object({"data": self.data.state_dict(), "rng": rng_state()})
+        model_state = fp32_model_state(self.engine)
+        shared = {"epoch": int(self.data.epoch), "skipped_steps": self.skipped_steps,
+                  "consecutive_nonfinite": self.consecutive_nonfinite, "model_config_hash": self.arch_hash,
+                  "config_yaml": dump_config(self.config), "engine": json.dumps(self.engine.ds_config, sort_keys=True)}
+        return self.checkpoints.save(self.step, self.engine.engine, shared, per_rank,
+                                     model_state if self.group.is_main else None, self.group.rank)
+
+    def rollback(self) -> None:
+        limit = self.engine.config.max_nonfinite_steps
+        latest = self.checkpoints.latest()
+        if latest is None:
+            raise NonFiniteTraining(f"{limit} non-finite steps in a row at step {self.step} and no checkpoint to roll back to")
+        if self.rollbacks >= self.engine.config.max_rollbacks:
+            raise NonFiniteTraining(f"{limit} non-finite steps in a row at step {self.step} after "
+                                    f"{self.rollbacks} rollbacks (engine.max_rollbacks); giving up")
+        self.rollbacks += 1
+        at = self.step
+        self.restore(latest)
+        log.warning("rolling back to %s (step %d) after %d non-finite steps in a row at step %d (rollback %d of at most %d)",
+                    latest.name, self.step, limit, at, self.rollbacks, self.engine.config.max_rollbacks)
+        self.record({"event": "rollback", "from_step": at, "step": self.step, "checkpoint": latest.name})
+
+    def visualize(self) -> None:
+        """The validation grid of this step, next to the checkpoints."""
+        from trainer.visualize import save_validation_grid, validation_images
+
+        if self._validation_images is None:
+            count = self.config.train.visualize_count
+            try:
+                self._validation_images = validation_images(self.config.data.root, count=count,
+                                                            image_size=self.config.model.image_size)
+            except ValueError:  # streaming from shards: no folder to read, use the head of a batch
+                self._validation_images = self._first_images[:count]
+        path = self.out_dir / "visuals" / f"step_{self.step:08d}.png"
+        save_validation_grid(self.engine.module, self._validation_images, path)
+
+    def record(self, entry: dict) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(entry) + "\n")
+            self.metrics_file.flush()
+
+    # --- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict, int, bool]:
+        """One optimizer step over `accumulation` micro-batches; returns (loss terms, images, skipped)."""
+        ds = self.engine.engine
+        images = 0
+        terms: dict = {}
+        for micro in range(self.accumulation):
+            batch = next(self.data)
+            image = batch["image"]
+            if self._first_images is None:
+                self._first_images = image.detach().clone()
+            decomposition = ds(image)
+            terms = self.criterion(image, decomposition, epoch=self.data.epoch)
+            self.engine.watch.check_loss(terms["total"])
+            ds.backward(terms["total"])
+            images += image.shape[0]
+            if micro < self.accumulation - 1:
+                ds.step()  # DeepSpeed only counts the micro-step here
+        bad = any_rank(self.engine.watch.take(), self.device)
+        self.engine.gate.skip = bad
+        try:
+            ds.step()
+        finally:
+            self.engine.gate.skip = False
+        return terms, images, bad
+
+    def run(self) -> TrainResult:
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.restore(latest)
+            log.info("resumed from %s at step %d", latest, self.step)
+        elif self.checkpoints.legacy_checkpoints():
+            raise CheckpointError(f"{self.checkpoints.directory} holds single-file checkpoints of an earlier version, "
+                                  "which cannot resume a DeepSpeed run; use another train.out_dir "
+                                  "(unsup3d evaluate still reads them)")
+        if self.group.is_main:
+            self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        self.engine.module.train()
+        losses: dict = {}
+        window_start, window_images = time.perf_counter(), 0
+        images_per_second = 0.0
+        saved: Path | None = latest
+        cfg = self.config.train
+        try:
+            while self.step < self.total_steps:
+                terms, images, skipped = self.train_step()
+                self.step += 1
+                window_images += images * self.group.world_size
+                if skipped:
+                    self.skipped_steps += 1
+                    self.consecutive_nonfinite += 1
+                    log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row, %d in all)",
+                                self.step, self.consecutive_nonfinite, self.skipped_steps)
+                    if self.consecutive_nonfinite >= self.engine.config.max_nonfinite_steps:
+                        self.rollback()
+                        saved = self.checkpoints.latest()
+                        window_start, window_images = time.perf_counter(), 0
+                        continue
+                else:
+                    self.consecutive_nonfinite = 0
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    images_per_second = window_images / elapsed
+                    losses = {k: float(v.detach()) for k, v in terms.items()}
+                    record = {"step": self.step, "epoch": self.data.epoch, "images_per_second": images_per_second,
+                              "skipped_steps": self.skipped_steps, **losses}
+                    grad_norm = self.engine.engine.get_global_grad_norm()
+                    if grad_norm is not None and not skipped:
+                        record["grad_norm"] = float(grad_norm)
+                    self.record(record)
+                    if self.group.is_main:
+                        log.info("step %d/%d epoch %d loss %.4f (%s) %.1f img/s", self.step, self.total_steps,
+                                 self.data.epoch, losses["total"],
+                                 " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total"), images_per_second)
+                    window_start, window_images = time.perf_counter(), 0
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    saved = self.save()
+                if cfg.visualize_every and self.step % cfg.visualize_every == 0 and self.group.is_main:
+                    self.visualize()
+            if saved is None or saved.name != self.checkpoints.path_for(self.step).name:
+                saved = self.save()
+        finally:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+                self.metrics_file = None
+        if self.group.is_main:
+            log.info("finished at step %d (%d skipped); checkpoint %s", self.step, self.skipped_steps, saved)
+        return TrainResult(self.step, losses, str(saved) if saved else None, images_per_second)
+
+
 def train(config: RunConfig, data: BatchSource | None = None) -> TrainResult:
     """Train (or resume) the run described by `config`, on `data` or else on the folder data.root."""
-    out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
-    device = resolve_device(config.train.device)
-    seed_everything(config.train.seed)
-
-    model = Unsup3D(config.model).to(device)
-    perceptual = build_perceptual_net(config.perceptual) if config.loss.lam_perc > 0 else None
-    if perceptual is not None:
-        perceptual = perceptual.to(device)
-    criterion = Unsup3DLoss(config.loss, perceptual, config.model)
-    optimizer = build_optimizer(model, config)
-    if data is None:
-        prepare_data(config)
-        data = FolderBatches(
-            config.data.root,
-            config.data.split,
-            config.model.image_size,
-            config.data.batch_size,
-            config.train.seed,
-            config.data.hflip_probability,
-            device,
-        )
-    checkpoints = CheckpointManager(out_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    total_steps = config.train.max_steps or config.train.epochs * data.batches_per_epoch
-    arch_hash = model_config_hash(config.model)
-
-    step = 0
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = load_checkpoint(latest, map_location=device)
-        if state["model_config_hash"] != arch_hash:
-            raise CheckpointError(
-                f"{latest} was made with another model config (hash {state['model_config_hash']}, this run {arch_hash}); "
-                f"use another train.out_dir or restore the model section"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data.load_state_dict(state["data"])
-        load_rng_state(state["rng"])
-        step = int(state["step"])
-        log.info("resumed from %s at step %d", latest, step)
-
-    def save() -> Path:
-        return checkpoints.save(
-            step,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "data": data.state_dict(),
-                "rng": rng_state(),
-                "model_config_hash": arch_hash,
-                "config_yaml": dump_config(config),
-            },
-        )
-
-    autocast_dtype = AUTOCAST_DTYPES.get(config.train.autocast_dtype)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    model.train()
-    losses: dict = {}
-    window_start, window_images = time.perf_counter(), 0
-    images_per_second = 0.0
-    saved: Path | None = latest
+    trainer = Trainer(config, data)
     try:
-        while step < total_steps:
-            batch = next(data)
-            image = batch["image"]
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                decomposition = model.decompose(image)
-            terms = criterion(image, decomposition, epoch=data.epoch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            step += 1
-            window_images += image.shape[0]
-            if step % config.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                images_per_second = window_images / elapsed
-                losses = {k: float(v.detach()) for k, v in terms.items()}
-                record = {"step": step, "epoch": data.epoch, "images_per_second": images_per_second, **losses}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                log.info(
-                    "step %d/%d epoch %d loss %.4f (%s) %.1f img/s",
-                    step, total_steps, data.epoch, losses["total"],
-                    " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total"), images_per_second,
-                )
-                window_start, window_images = time.perf_counter(), 0
-            if step % config.train.checkpoint_every == 0 and step < total_steps:
-                saved = save()
-        if saved is None or int(saved.name[5:13]) != step:
-            saved = save()
+        return trainer.run()
     finally:
-        metrics_file.close()
-    log.info("finished at step %d; checkpoint %s", step, saved)
-    return TrainResult(step, losses, str(saved) if saved else None, images_per_second)
+        trainer.engine.engine.destroy()
+        if trainer.group.created_here and trainer.group.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

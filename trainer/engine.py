@@ -1,0 +1,153 @@
+"""The DeepSpeed engine over the five nets: its config dict, its construction, and a step that can
+be skipped when the loss or a gradient is not finite.
+
+One engine holds the five nets (Unsup3D; the renderer has no parameters). The frozen perceptual
+backbone stays outside it and outside the optimizer. Precision:
+- 'fp32': plain float32.
+- 'autocast' (DeepSpeed's torch_autocast section): float32 weights, the nets' forward under
+  torch.autocast; Unsup3D.decompose and the losses switch autocast off for the renderer and losses.
+- 'deepspeed' (DeepSpeed's bf16/fp16 section): the engine casts the nets to bf16/fp16 and keeps
+  float32 master weights in its optimizer; the input is cast to the nets' dtype here and their
+  outputs back to float32 in Unsup3D.decompose.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from trainer.config import EngineConfig, RunConfig
+from trainer.model import Decomposition, Unsup3D
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_engine_config(config: RunConfig) -> EngineConfig:
+    """engine section with the older train.autocast_dtype folded in (it means precision under autocast)."""
+    engine = config.engine
+    legacy = config.train.autocast_dtype
+    if legacy == "none":
+        return engine
+    if engine.precision not in ("fp32", legacy):
+        raise ValueError(f"train.autocast_dtype ({legacy}) contradicts engine.precision ({engine.precision}); "
+                         "set only engine.precision")
+    return EngineConfig(**{**engine.__dict__, "precision": legacy, "mixed_precision": "autocast"})
+
+
+def deepspeed_config(engine: EngineConfig, config: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for this run (built here, never written by hand)."""
+    micro = config.data.batch_size
+    low = engine.precision != "fp32"
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": engine.gradient_accumulation_steps,
+        "train_batch_size": micro * engine.gradient_accumulation_steps * world_size,
+        "gradient_clipping": engine.gradient_clipping,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": low and engine.mixed_precision == "deepspeed" and engine.precision == "bf16"},
+        "fp16": {"enabled": low and engine.mixed_precision == "deepspeed" and engine.precision == "fp16",
+                 "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if low and engine.mixed_precision == "autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": DTYPE_NAMES[engine.precision]}
+    if engine.optimizer == "deepspeed":
+        opt = config.optimizer
+        # adam_w_mode False: L2 weight decay like torch.optim.Adam and the reference (SPEC 5).
+        ds["optimizer"] = {"type": "Adam", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8,
+                                                      "weight_decay": opt.weight_decay, "adam_w_mode": False}}
+    return ds
+
+
+class TrainModule(Unsup3D):
+    """Unsup3D with forward = decompose, so the engine can call it (same state_dict keys)."""
+
+    def forward(self, image: torch.Tensor) -> Decomposition:
+        first = next(self.parameters())
+        return self.decompose(image.to(first.dtype) if first.dtype != image.dtype else image)
+
+
+class SkippableStep:
+    """Wraps an optimizer's step so that one step can be dropped.
+
+    Every DeepSpeed wrapper (ZeRO 1/2, the bf16 optimizer, plain ZeRO 0) ends in the wrapped torch
+    optimizer's step(); dropping that call leaves weights and Adam moments untouched while DeepSpeed
+    clears the gradients as usual. That makes a skipped step exact for every ZeRO stage and precision.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.skip = False
+        self._step = optimizer.step
+        optimizer.step = self._maybe_step  # instance attribute: found before the class's step
+
+    def _maybe_step(self, *args, **kwargs):
+        if self.skip:
+            return None
+        return self._step(*args, **kwargs)
+
+
+class NonFiniteWatch:
+    """Flags a non-finite loss or gradient during the micro-batches of one step (no host sync)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, watch_gradients: bool):
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.handles = []
+        if watch_gradients:
+            for param in module.parameters():
+                if param.requires_grad:
+                    self.handles.append(param.register_hook(self._check))
+
+    def _check(self, grad: torch.Tensor) -> None:
+        self.flag.logical_or_(~torch.isfinite(grad).all())
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        self.flag.logical_or_(~torch.isfinite(loss.detach()).all())
+
+    def take(self) -> bool:
+        bad = bool(self.flag.item())
+        self.flag.zero_()
+        return bad
+
+
+@dataclass
+class Engine:
+    engine: object  # deepspeed.DeepSpeedEngine
+    module: TrainModule
+    gate: SkippableStep
+    watch: NonFiniteWatch
+    config: EngineConfig
+    ds_config: dict
+
+
+def build_engine(config: RunConfig, world_size: int, device: torch.device) -> Engine:
+    """deepspeed.initialize over the five nets; the process group must exist already."""
+    import deepspeed
+
+    from trainer.checkpoint import install_safe_deepspeed_loader
+
+    engine_config = resolve_engine_config(config)
+    if engine_config.precision == "fp16" and device.type != "cuda":
+        log.warning("fp16 on CPU works only where the CPU supports it (AVX512-FP16); bf16 is the CPU mixed precision")
+    module = TrainModule(config.model).to(device)
+    ds_config = deepspeed_config(engine_config, config, world_size)
+    optimizer = None
+    if engine_config.optimizer == "torch":
+        opt = config.optimizer
+        optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, model_parameters=module.parameters() if optimizer is None else None,
+        config=ds_config, dist_init_required=False,
+    )
+    install_safe_deepspeed_loader(ds_engine)
+    basic = ds_engine.basic_optimizer if optimizer is None else optimizer
+    gate = SkippableStep(basic)
+    # fp16 overflows of the loss scaler are DeepSpeed's business (it skips and rescales); watch the loss only.
+    watch = NonFiniteWatch(ds_engine.module, device, watch_gradients=engine_config.precision != "fp16")
+    return Engine(ds_engine, ds_engine.module, gate, watch, engine_config, ds_config)
