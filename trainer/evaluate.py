@@ -1,11 +1,16 @@
 """`unsup3d evaluate`: SIDE and MAD (SPEC 6) of a checkpoint on a synface-layout folder, next to two
 baselines computed in the same run on the same images and masks: a constant depth map, and the
 pixelwise average ground-truth depth of the training split.
+
+Besides the JSON-ready summary, evaluation keeps every image's values (PerImage) and the inputs,
+renders and errors of the images the model does worst on (by SIDE), from which trainer.report
+writes a human report (report.md, error histograms, worst cases as panels).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +19,7 @@ import yaml
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import ModelConfig
 from trainer.config_loading import from_dict
-from trainer.metrics import evaluation_mask, mad_error, side_error, summarize
+from trainer.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
 from trainer.model import Unsup3D
 from trainer.render.geometry import intrinsics
 from trainer.synface import SynfaceFolder
@@ -59,10 +64,75 @@ def _metric_block(side: list[torch.Tensor], mad_ref: list[torch.Tensor], mad_exa
     }
 
 
+METHODS = ("model", "constant_depth", "average_train_depth")
+METRICS = ("side_x1e-2", "mad_deg_reference", "mad_deg_exact")
+
+
+@dataclass
+class PerImage:
+    """Every evaluated image's metrics: values[method][metric] is a list aligned with names (NaN = empty mask)."""
+
+    names: list[str] = field(default_factory=list)
+    values: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {m: {k: [] for k in METRICS} for m in METHODS})
+
+
+@dataclass
+class WorstCase:
+    """What the report draws for one of the images the model does worst on (CPU tensors, one image)."""
+
+    name: str
+    side: float  # x1e-2
+    mad: float  # degrees, exact normalisation
+    image: torch.Tensor  # [3, S, S] in [-1, 1]
+    recon: torch.Tensor  # [3, S, S] the model's reconstruction in the input view
+    pred_depth: torch.Tensor  # [S, S] rendered in the input view
+    gt_depth: torch.Tensor  # [S, S]
+    mask: torch.Tensor  # [S, S] the evaluation mask
+    angle_error: torch.Tensor  # [S, S] degrees between the normals, NaN outside the mask
+
+
+class _WorstCases:
+    """Keeps the k images with the largest model SIDE seen so far (NaN SIDE never counts as worst)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.cases: list[WorstCase] = []
+
+    def offer(self, names, side, mad, image, recon, pred, gt, mask, angles) -> None:
+        if self.k <= 0:
+            return
+        key = torch.nan_to_num(side, nan=-float("inf"))
+        for i in key.topk(min(self.k, key.numel())).indices.tolist():
+            if not torch.isfinite(key[i]):
+                continue
+            case = WorstCase(names[i], float(side[i]), float(mad[i]), image[i].float().cpu(), recon[i].float().cpu(),
+                             pred[i].float().cpu(), gt[i].float().cpu(), mask[i].float().cpu(),
+                             torch.where(mask[i] > 0, angles[i], torch.full_like(angles[i], float("nan"))).float().cpu())
+            self.cases.append(case)
+        self.cases.sort(key=lambda c: -c.side)
+        del self.cases[self.k:]
+
+
+def default_report_dir(checkpoint: str | Path, split: str, step: int) -> Path:
+    """<run>/reports/<split>_step_<N>: beside the checkpoints folder the checkpoint came from.
+
+    The checkpoint may be the checkpoints folder, a file in it or a per-step folder in it; anything
+    else gets its reports beside itself.
+    """
+    path = Path(checkpoint)
+    run = path if path.is_dir() else path.parent
+    for candidate in (path, *list(path.parents)[:2]):
+        if candidate.name == "checkpoints":
+            run = candidate.parent
+            break
+    return run / "reports" / f"{split}_step_{step:08d}"
+
+
 @torch.no_grad()
-def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
-             on_error: str = "skip") -> dict:
-    """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops."""
+def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
+                      on_error: str = "skip", worst: int = 8) -> tuple[dict, PerImage, list[WorstCase]]:
+    """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE)."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model, model_config, step = load_model(checkpoint, torch_device)
     size = model_config.image_size
@@ -73,10 +143,12 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
     K = intrinsics(size, dtype=torch.float64)
     average_depth = average_training_depth(data_dir, size, on_error)
 
-    names = ("model", "constant_depth", "average_train_depth")
+    names = METHODS
     side = {n: [] for n in names}
     mad_ref = {n: [] for n in names}
     mad_exact = {n: [] for n in names}
+    per_image = PerImage()
+    worst_cases = _WorstCases(worst)
     count = 0
     for batch in folder.batches(batch_size):
         image = batch["image"].to(torch_device)
@@ -89,11 +161,24 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
         predictions["constant_depth"] = (torch.ones_like(gt), full)
         if average_depth is not None:
             predictions["average_train_depth"] = (average_depth.to(gt).expand_as(gt), full)
+        per_image.names += batch["name"]
         for name, (depth, recon_mask) in predictions.items():
             mask = evaluation_mask(recon_mask, gt)
-            side[name].append(side_error(depth, gt, mask).cpu())
-            mad_ref[name].append(mad_error(depth, gt, mask, K.to(gt), eps=REFERENCE_EPS).cpu())
-            mad_exact[name].append(mad_error(depth, gt, mask, K.to(gt), eps=None).cpu())
+            values = {
+                "side_x1e-2": side_error(depth, gt, mask).cpu(),
+                "mad_deg_reference": mad_error(depth, gt, mask, K.to(gt), eps=REFERENCE_EPS).cpu(),
+                "mad_deg_exact": mad_error(depth, gt, mask, K.to(gt), eps=None).cpu(),
+            }
+            side[name].append(values["side_x1e-2"])
+            mad_ref[name].append(values["mad_deg_reference"])
+            mad_exact[name].append(values["mad_deg_exact"])
+            for metric, v in values.items():
+                per_image.values[name][metric] += (v * 100 if metric == "side_x1e-2" else v).tolist()
+            if name == "model" and worst > 0:
+                angles = normal_angles(depth, gt, K.to(gt), eps=None)
+                recon = _reconstruction(model, out, b)
+                worst_cases.offer(batch["name"], values["side_x1e-2"] * 100, values["mad_deg_exact"], image, recon,
+                                  depth, gt, mask, angles)
         count += b
 
     results = {
@@ -114,4 +199,30 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
             results[name] = _metric_block(side[name], mad_ref[name], mad_exact[name])
     if average_depth is None:
         results["average_train_depth"] = f"not computed: {data_dir / 'train'} does not exist"
+        del per_image.values["average_train_depth"]
+    return results, per_image, worst_cases.cases
+
+
+def _reconstruction(model, out, batch: int) -> torch.Tensor:
+    """The model's input-view image of the original branch, white where nothing is rendered."""
+    from trainer.visualize import reconstruction
+
+    return reconstruction(model, out)[:batch]
+
+
+def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
+             on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8) -> dict:
+    """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops.
+
+    report_dir: also write the human report there (trainer.report; "auto" = default_report_dir);
+    the dict then names report.md under "report". worst: how many worst images the report draws.
+    """
+    results, per_image, worst_cases = evaluate_detailed(checkpoint, data, split, batch_size, device, on_error,
+                                                        worst if report_dir is not None else 0)
+    if report_dir is not None:
+        from trainer.report import write_report
+
+        if str(report_dir) == "auto":
+            report_dir = default_report_dir(checkpoint, split, results["step"])
+        results["report"] = str(write_report(results, per_image, report_dir, worst_cases))
     return results
