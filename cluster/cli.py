@@ -1,4 +1,4 @@
-"""The `unsup3d` command: train, evaluate, generate synthetic data, prepare shards.
+"""The `unsup3d` command: train, evaluate, demo, generate synthetic data, prepare shards.
 
 This module composes the packages (DESIGN: cluster is the only composer). Heavy imports happen inside
 the subcommands so that `unsup3d --help` is instant and a bad config fails before any model is built.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,22 +34,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = None
     if config.stream is not None:
         from cluster.streaming import StreamingBatches
+        from trainer.distributed import init_process_group
 
-        data = StreamingBatches(config.stream, device=resolve_device(config.train.device))
+        # Under torchrun / the deepspeed launcher every rank streams its own part of the shards.
+        group = init_process_group(resolve_device(config.train.device).type)
+        data = StreamingBatches(config.stream, rank=group.rank, world_size=group.world_size,
+                                device=resolve_device(config.train.device, group.local_rank))
     try:
         result = train(config, data)
     finally:
         if data is not None:
             data.close()
-    print(json.dumps({"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate
 
+    report_dir = None if args.no_report else (args.report_dir or "auto")
     results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                       device=args.device, on_error=args.on_error)
+                       device=args.device, on_error=args.on_error, report_dir=report_dir,
+                       worst=args.worst)
     text = json.dumps(results, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -56,10 +64,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import DemoOptions, run_demo
+
+    kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size}
+    if args.yaws:
+        try:
+            kwargs["yaws"] = tuple(float(y) for y in args.yaws.split(","))
+        except ValueError:
+            raise ValueError(f"--yaws must be comma-separated degrees, e.g. -45,0,45; got {args.yaws!r}") from None
+    options = DemoOptions(**kwargs)
+    summary = run_demo(args.checkpoint, args.input, args.out, device=args.device, options=options)
+    print(json.dumps({k: summary[k] for k in ("images", "skipped", "device", "seconds")} | {"out": args.out}))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from trainer.synthetic import main_generate
 
-    counts = main_generate(args.out, args.image_size, args.num_train, args.num_val, args.num_test, args.seed)
+    counts = main_generate(args.out, args.image_size, args.num_train, args.num_val, args.num_test, args.seed,
+                           args.background)
     print(json.dumps(counts))
     return 0
 
@@ -84,7 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                    help="unreadable or unpaired files: skip and count them (default) or stop")
     p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("--report-dir", help="where to write the human report (report.md, plots, worst cases); "
+                   "default: <run>/reports/<split>_step_<N> beside the checkpoints folder")
+    p.add_argument("--no-report", action="store_true", help="JSON only, no report")
+    p.add_argument("--worst", type=int, default=8, help="worst images (by SIDE) drawn as panels in the report")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="reconstructions, relighting, novel views, textured meshes and GIFs of photos")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest)")
+    p.add_argument("--input", required=True, help="folder of images cropped around the object (any size), or one image")
+    p.add_argument("--out", required=True, help="output folder: one subfolder per image, and demo.json")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    p.add_argument("--tile", type=int, default=128, help="side of every panel PNG in pixels")
+    p.add_argument("--yaws", help="novel-view yaw angles in degrees, comma-separated; write --yaws=-45,0,45 (default -45,-22.5,0,22.5,45)")
+    p.add_argument("--gif-frames", type=int, default=36, help="frames of rotation.gif")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write synthetic probably-symmetric objects in the synface layout")
     p.add_argument("--out", required=True)
@@ -93,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--background", choices=("noise", "plain", "black"), default="noise",
+                   help="black backgrounds can be reconstructed exactly, which collapses the confidence-weighted loss")
     p.set_defaults(func=cmd_generate)
 
     try:

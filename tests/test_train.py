@@ -66,9 +66,9 @@ def test_checkpoints_keep_the_last_n_and_point_at_the_latest(synthetic_root, tmp
     config = small_config(synthetic_root, tmp_path / "run", max_steps=7, checkpoint_every=2, keep_checkpoints=2)
     train(config)
     directory = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000006.pt", "step_00000007.pt"]
-    assert (directory / "latest").read_text() == "step_00000007.pt"
-    assert not list(directory.glob("*.tmp"))
+    assert sorted(p.name for p in directory.glob("step_*")) == ["step_00000006", "step_00000007"]
+    assert (directory / "latest").read_text() == "step_00000007"
+    assert not list(directory.glob("*tmp*"))
 
 
 def test_a_checkpoint_of_another_model_config_is_refused(synthetic_root, tmp_path):
@@ -136,3 +136,14 @@ def test_evaluate_on_a_folder_written_by_another_tool(synthetic_root, tmp_path, 
     assert sum(results["skipped"].values()) == 2 and results["skipped"].get("missing_depth") == 1
     assert "not computed" in results["average_train_depth"]
     capsys.readouterr()
+
+
+def test_validation_grids_are_saved_next_to_the_checkpoints(synthetic_root, tmp_path):
+    from PIL import Image
+
+    config = small_config(synthetic_root, tmp_path / "run", max_steps=4, visualize_every=2, visualize_count=3)
+    train(config)
+    grids = sorted(p.name for p in (tmp_path / "run" / "visuals").glob("*.png"))
+    assert grids == ["step_00000002.png", "step_00000004.png"]
+    first = Image.open(tmp_path / "run" / "visuals" / grids[0])
+    assert first.size[1] > 3 * 64  # three rows of images, each at least one tile high

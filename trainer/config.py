@@ -55,6 +55,11 @@ class ModelConfig:
     """View translation in z for an output of +-1 (0 for faces and cars, 0.1 for cats)."""
     supersample: int = 1
     """Render depth at this multiple of the resolution and average-pool (the reference used 2)."""
+    depth_init_scale: float = 1.0
+    """Multiplies the initial weights of the depth net's last conv. 1 is PyTorch's default init,
+    whose depth maps start with per-pixel roughness of about 0.02 (a tenth of the depth range) that
+    a long run slowly smooths out; a small value starts from a nearly flat depth map, which short
+    CPU runs need."""
 
     def __post_init__(self):
         if self.min_depth >= self.max_depth:
@@ -114,6 +119,10 @@ class SyntheticDataConfig:
     """Test images."""
     seed: int = 0
     """Generator seed (independent of the training seed)."""
+    background: str = "noise"
+    """'noise' (smooth random colour fields), 'plain' or 'black'. A black background can be
+    reconstructed exactly, which lets the confidence maps drive the photometric loss towards
+    log(eps) there and the model collapse (albedo and colour lost); photos never allow that."""
 
 
 @dataclass
@@ -150,14 +159,63 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     log_every: int = 20
     """Print and record metrics every this many steps."""
+    visualize_every: int = 0
+    """Save a grid of a fixed set of validation images, decomposed, to out_dir/visuals every this many
+    steps (0: never)."""
+    visualize_count: int = 8
+    """Images in that grid: the first of data.root's val split (else train), or of the first batch."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'."""
     autocast_dtype: str = "none"
-    """Run the nets under torch.autocast with 'bf16' or 'fp16'; 'none' is float32. The renderer and losses stay float32."""
+    """Older spelling of engine.precision with engine.mixed_precision 'autocast': run the nets under
+    torch.autocast with 'bf16' or 'fp16'; 'none' leaves engine.precision in charge."""
+    allow_other_model_config: bool = False
+    """Resume from a checkpoint whose model section differs from this run's (normally refused)."""
 
     def __post_init__(self):
         if self.autocast_dtype not in ("none", "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be none, bf16 or fp16, got {self.autocast_dtype!r}")
+
+
+@dataclass
+class EngineConfig:
+    """The DeepSpeed engine: precision, ZeRO, accumulation, clipping, optimizer, non-finite handling.
+
+    The defaults were chosen by measurement (benchmarks/engine_results.md)."""
+
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (fp16 only on GPU). The renderer and losses always run in float32."""
+    mixed_precision: str = "autocast"
+    """How bf16/fp16 is applied: 'autocast' (DeepSpeed's torch_autocast section: float32 weights,
+    the nets run under torch.autocast) or 'deepspeed' (DeepSpeed's bf16/fp16 section: low-precision
+    weights with float32 master weights in the optimizer)."""
+    zero_stage: int = 0
+    """ZeRO stage 0, 1 or 2."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches of data.batch_size per optimizer step and process."""
+    gradient_clipping: float = 0.0
+    """Clip the global gradient norm to this; 0 disables clipping (the reference did not clip)."""
+    optimizer: str = "torch"
+    """Adam implementation: 'torch' (torch.optim.Adam handed to DeepSpeed) or 'deepspeed' (DeepSpeed's
+    own Adam in L2 mode, JIT-compiled at first use)."""
+    max_nonfinite_steps: int = 3
+    """After this many non-finite steps in a row (each skipped), roll back to the last checkpoint."""
+    max_rollbacks: int = 3
+    """A run that needs more rollbacks than this stops with an error."""
+
+    def __post_init__(self):
+        for name, value, allowed in (("precision", self.precision, ("fp32", "bf16", "fp16")),
+                                     ("mixed_precision", self.mixed_precision, ("autocast", "deepspeed")),
+                                     ("zero_stage", self.zero_stage, (0, 1, 2)),
+                                     ("optimizer", self.optimizer, ("torch", "deepspeed"))):
+            if value not in allowed:
+                raise ValueError(f"engine.{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"engine.gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}")
+        if self.gradient_clipping < 0:
+            raise ValueError(f"engine.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        if self.max_nonfinite_steps < 1 or self.max_rollbacks < 0:
+            raise ValueError("engine.max_nonfinite_steps must be >= 1 and engine.max_rollbacks >= 0")
 
 
 @dataclass
@@ -178,6 +236,8 @@ class RunConfig:
     """Training data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Run length and checkpoints."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed engine: precision, ZeRO, accumulation, clipping."""
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -197,6 +257,7 @@ def model_config_hash(config: ModelConfig) -> str:
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "EngineConfig",
     "LossConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -55,6 +55,10 @@ class Unsup3D(nn.Module):
         self.config = config
         size = config.image_size
         self.depth_net = EncoderDecoder(1, config.depth_nf, config.depth_zdim, size)
+        if config.depth_init_scale != 1.0:
+            last_conv = self.depth_net.decoder[-1]
+            with torch.no_grad():
+                last_conv.weight.mul_(config.depth_init_scale)
         self.albedo_net = EncoderDecoder(3, config.albedo_nf, config.albedo_zdim, size, activation=nn.Tanh())
         self.light_net = Encoder(4, config.light_nf, size)
         self.view_net = Encoder(6, config.view_nf, size)

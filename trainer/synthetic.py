@@ -556,7 +556,9 @@ def _generate(root: str, cfg: SyntheticConfig, splits) -> dict[str, int]:
     return counts
 
 
-def main_generate(root: str, image_size: int, num_train: int, num_val: int, num_test: int, seed: int) -> dict[str, int]:
+def main_generate(root: str, image_size: int, num_train: int, num_val: int, num_test: int, seed: int,
+                  background: str = "noise") -> dict[str, int]:
     """CLI entry: generate a synthetic synface-layout data set under root with default distributions."""
-    cfg = SyntheticConfig(image_size=image_size, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed)
+    cfg = SyntheticConfig(image_size=image_size, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed,
+                          background=background)
     return generate_synface(root, cfg)
