@@ -22,15 +22,28 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.job_config import load_job_config
+def _launched_by_torch_launcher() -> bool:
+    """torchrun / the DeepSpeed launcher already started one process per rank: train in this one."""
+    return "WORLD_SIZE" in os.environ and "RAY_JOB_ID" not in os.environ and "RAY_ADDRESS" not in os.environ
+
+
+def _use_ray(args: argparse.Namespace) -> bool:
+    if args.no_ray or args.workers == 0 or _launched_by_torch_launcher():
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: see cluster.ray_train.loopback_only
+        if args.address or args.workers > 1:
+            raise ValueError("Ray is not installed (pip install 'unsup3d[cluster]'); it is needed for "
+                             "--address and --workers > 1") from None
+        logging.getLogger(__name__).warning("Ray is not installed: training in this process")
+        return False
+    return True
+
+
+def _train_in_process(config) -> dict:
     from trainer.train import resolve_device, train
 
-    config = load_job_config(args.config)
-    if args.out_dir:
-        config.train.out_dir = args.out_dir
-    if args.max_steps is not None:
-        config.train.max_steps = args.max_steps
     data = None
     if config.stream is not None:
         from cluster.streaming import StreamingBatches
@@ -45,8 +58,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if data is not None:
             data.close()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}))
+    return {"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.job_config import load_job_config
+
+    config = load_job_config(args.config)
+    if args.out_dir:
+        config.train.out_dir = args.out_dir
+    if args.max_steps is not None:
+        config.train.max_steps = args.max_steps
+    if args.category:
+        config.category = args.category
+    if not _use_ray(args):
+        summary = _train_in_process(config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary))
+        return 0
+
+    from cluster.ray_train import Resources, connect, run_training, summarize_run
+
+    resources = Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
+    how = connect(args.address)
+    try:
+        final = run_training(config, resources, run_name=args.run_name)
+    finally:
+        if how == "local":  # the embedded Ray is ours: stop it (never `ray stop`, which stops every Ray here)
+            import ray
+
+            ray.shutdown()
+    print(json.dumps(final))
     return 0
 
 
@@ -88,6 +131,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS; neither: start a local Ray "
+                   "on 127.0.0.1 for this command)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unsup3d", description="Unsup3D: 3D shape from single images, at scale.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -97,7 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--out-dir", help="override train.out_dir")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--category", help="override category (also the metrics label)")
+    add_ray_arguments(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers (one DeepSpeed rank each); 0 trains in this process without Ray")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU nodes (then NCCL)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="times the worker group is restarted (from the latest checkpoint) after a worker dies")
+    p.add_argument("--run-name", help="Ray Train run name (default <category>-<out_dir name>)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="train in this process (also automatic under torchrun / the deepspeed launcher)")
     p.set_defaults(func=cmd_train)
+
+    from cluster.fleet_cli import add_fleet_subcommand
+
+    add_fleet_subcommand(sub)
+    from cluster.new_category import add_new_category_subcommand
+
+    add_new_category_subcommand(sub)
 
     p = sub.add_parser("evaluate", help="SIDE and MAD of a checkpoint on a synface-layout folder, as JSON")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest)")
@@ -161,10 +227,30 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
+        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
+        if error is None:
+            raise
         # Bad input: a one-line message that names what was wrong, not a traceback.
         print(f"unsup3d {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:
+    """`error` itself or the cause it wraps (Ray Train's TrainingFailedError) when that is bad input."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, kinds):
+            return error
+        failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> exception
+        if failures:
+            for failure in failures.values():
+                found = _user_error(failure, kinds)
+                if found is not None:
+                    return found
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 if __name__ == "__main__":

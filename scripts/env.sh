@@ -11,7 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${UNSUP3D_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${UNSUP3D_EXTRAS:-engine,data,test}"
+EXTRAS="${UNSUP3D_EXTRAS:-engine,data,monitoring,cluster,test}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[env] creating $VENV"

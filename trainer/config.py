@@ -219,6 +219,36 @@ class EngineConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    """Prometheus metrics of every worker (monitoring/) and the local progress bar."""
+
+    enabled: bool = True
+    """Serve this worker's metrics on /metrics and time the parts of each step."""
+    bind_address: str = "127.0.0.1"
+    """Address the metrics server binds to; 0.0.0.0 (or the node's address) on a cluster."""
+    port: int = 0
+    """0: a free port chosen by the OS (workers sharing a node never clash); else port + local rank."""
+    advertise_address: str | None = None
+    """Host Prometheus should scrape, when it differs from bind_address (None: bind_address, or the
+    host name for a wildcard bind)."""
+    sd_dir: str | None = None
+    """Directory of Prometheus file_sd JSON files; each worker writes its target there and removes it
+    at exit. None: <train.out_dir>/prometheus_sd."""
+    run_name: str | None = None
+    """The `run` label; None: the name of train.out_dir."""
+    progress_bar: bool = True
+    """In local mode (a world of one), show step, images/s, loss and time left on stderr."""
+    count_flops: bool = True
+    """Count the training FLOPs per image once (one extra forward and backward at the first step) for MFU."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s for MFU; None: look the GPU up in monitoring/mfu.py (no MFU on CPU unless set)."""
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"monitoring.port must be 0..65535, got {self.port}")
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; one section per component."""
 
@@ -238,6 +268,8 @@ class RunConfig:
     """Run length and checkpoints."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """DeepSpeed engine: precision, ZeRO, accumulation, clipping."""
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    """Prometheus metrics and the progress bar."""
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -260,6 +292,7 @@ __all__ = [
     "EngineConfig",
     "LossConfig",
     "ModelConfig",
+    "MonitoringConfig",
     "OptimizerConfig",
     "RunConfig",
     "SyntheticDataConfig",

@@ -30,6 +30,7 @@ from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_
 from trainer.engine import Engine, build_engine
 from trainer.folder_data import FolderBatches
 from trainer.model import Unsup3DLoss
+from trainer.monitor import TrainMonitor
 from trainer.perceptual import build_perceptual_net
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,12 @@ class Trainer:
         self.metrics_file = None
         self._validation_images: torch.Tensor | None = None
         self._first_images: torch.Tensor | None = None
+        # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/monitor.py.
+        self.monitor = TrainMonitor(config, self.group, self.device, self.total_steps, self.out_dir)
+        self.timer = self.monitor.timer
+        if self.timer.enabled:  # the engine calls module.forward -> decompose(image): hand it the timer
+            module = self.engine.module
+            module.decompose = lambda image, timer=self.timer: type(module).decompose(module, image, timer)
 
     # --- checkpoints -------------------------------------------------------------------------
     def restore(self, path: Path) -> None:
@@ -195,8 +202,11 @@ class Trainer:
         shared = {"epoch": int(self.data.epoch), "skipped_steps": self.skipped_steps,
                   "consecutive_nonfinite": self.consecutive_nonfinite, "model_config_hash": self.arch_hash,
                   "config_yaml": dump_config(self.config), "engine": json.dumps(self.engine.ds_config, sort_keys=True)}
-        return self.checkpoints.save(self.step, self.engine.engine, shared, per_rank,
+        started = time.perf_counter()
+        path = self.checkpoints.save(self.step, self.engine.engine, shared, per_rank,
                                      model_state if self.group.is_main else None, self.group.rank)
+        self.monitor.saved(time.perf_counter() - started, path)
+        return path
 
     def rollback(self) -> None:
         limit = self.engine.config.max_nonfinite_steps
@@ -207,6 +217,7 @@ class Trainer:
             raise NonFiniteTraining(f"{limit} non-finite steps in a row at step {self.step} after "
                                     f"{self.rollbacks} rollbacks (engine.max_rollbacks); giving up")
         self.rollbacks += 1
+        self.monitor.rolled_back()
         at = self.step
         self.restore(latest)
         log.warning("rolling back to %s (step %d) after %d non-finite steps in a row at step %d (rollback %d of at most %d)",
@@ -238,22 +249,30 @@ class Trainer:
         ds = self.engine.engine
         images = 0
         terms: dict = {}
+        timer = self.timer
         for micro in range(self.accumulation):
-            batch = next(self.data)
+            with timer("data_wait"):
+                batch = next(self.data)
             image = batch["image"]
             if self._first_images is None:
                 self._first_images = image.detach().clone()
-            decomposition = ds(image)
-            terms = self.criterion(image, decomposition, epoch=self.data.epoch)
+                self.monitor.count_flops(self.engine.module, self.criterion, image, self.data.epoch)
+            with timer("forward"):
+                decomposition = ds(image)
+            with timer("loss"):
+                terms = self.criterion(image, decomposition, epoch=self.data.epoch, timer=timer)
             self.engine.watch.check_loss(terms["total"])
-            ds.backward(terms["total"])
+            with timer("backward"):
+                ds.backward(terms["total"])
             images += image.shape[0]
             if micro < self.accumulation - 1:
-                ds.step()  # DeepSpeed only counts the micro-step here
+                with timer("optimizer"):
+                    ds.step()  # DeepSpeed only counts the micro-step here
         bad = any_rank(self.engine.watch.take(), self.device)
         self.engine.gate.skip = bad
         try:
-            ds.step()
+            with timer("optimizer"):
+                ds.step()
         finally:
             self.engine.gate.skip = False
         return terms, images, bad
@@ -269,17 +288,19 @@ class Trainer:
                                   "(unsup3d evaluate still reads them)")
         if self.group.is_main:
             self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        cfg = self.config.train
+        self.monitor.start(self.step, latest, cfg.log_every)
         self.engine.module.train()
         losses: dict = {}
         window_start, window_images = time.perf_counter(), 0
         images_per_second = 0.0
         saved: Path | None = latest
-        cfg = self.config.train
         try:
             while self.step < self.total_steps:
                 terms, images, skipped = self.train_step()
                 self.step += 1
                 window_images += images * self.group.world_size
+                self.monitor.step_done(self.step, images, skipped, terms, self.data.epoch, self.data, self.engine.engine)
                 if skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
@@ -295,6 +316,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     images_per_second = window_images / elapsed
+                    self.monitor.window(images_per_second)
                     losses = {k: float(v.detach()) for k, v in terms.items()}
                     record = {"step": self.step, "epoch": self.data.epoch, "images_per_second": images_per_second,
                               "skipped_steps": self.skipped_steps, **losses}
@@ -314,6 +336,7 @@ class Trainer:
             if saved is None or saved.name != self.checkpoints.path_for(self.step).name:
                 saved = self.save()
         finally:
+            self.monitor.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
                 self.metrics_file = None
