@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,14 +40,7 @@ from data_pipeline.loader import TrainLoader  # noqa: E402
 from data_pipeline.prepare import prepare_dataset  # noqa: E402
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from bench_train import cpu_name  # noqa: E402  (same folder: the script's own directory is on sys.path)
 
 
 def photo(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -16,3 +16,18 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     main_generate(str(root), image_size=64, num_train=96, num_val=8, num_test=24, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(synthetic_root, tmp_path_factory):
+    """One tiny 1-step run trained through `unsup3d train`, shared by the tests that only need a checkpoint."""
+    from cluster.cli import main as cli_main
+    from test_train import small_config
+    from trainer.config import dump_config
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    config = small_config(synthetic_root, run / "run", max_steps=1)
+    path = run / "run.yaml"
+    path.write_text(dump_config(config))
+    assert cli_main(["train", "--config", str(path)]) == 0
+    return run / "run"

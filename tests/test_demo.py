@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from cluster.cli import main as cli_main
-from trainer.config import dump_config
 from trainer.demo import LIGHTS, DemoOptions, load_photo, summary_size
 from trainer.mesh import write_textured_mesh
 from trainer.render.geometry import intrinsics
@@ -24,15 +23,8 @@ TILE, GIF_FRAMES, YAWS = 64, 6, (-30.0, 0.0, 30.0)
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(synthetic_root, tmp_path_factory):
-    from test_train import small_config
-
-    run = tmp_path_factory.mktemp("demo_run")
-    config = small_config(synthetic_root, run / "run", max_steps=1)
-    path = run / "run.yaml"
-    path.write_text(dump_config(config))
-    assert cli_main(["train", "--config", str(path)]) == 0
-    return run / "run" / "checkpoints"
+def tiny_checkpoint(tiny_trained_run):
+    return tiny_trained_run / "checkpoints"
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,14 @@ import torch
 from PIL import Image
 
 from cluster.cli import main as cli_main
-from trainer.config import dump_config
 from trainer.evaluate import PerImage, WorstCase
 from trainer.report import HISTOGRAM_SIZE, PANEL_COLUMNS, histogram, worst_case_panel, write_report
 from trainer.visualize import GAP
 
 
 @pytest.fixture(scope="module")
-def tiny_run(synthetic_root, tmp_path_factory):
-    from test_train import small_config
-
-    run = tmp_path_factory.mktemp("report_run")
-    config = small_config(synthetic_root, run / "run", max_steps=1)
-    path = run / "run.yaml"
-    path.write_text(dump_config(config))
-    assert cli_main(["train", "--config", str(path)]) == 0
-    return run / "run"
+def tiny_run(tiny_trained_run):
+    return tiny_trained_run
 
 
 def fake_results(values: dict[str, list[float]]) -> tuple[dict, PerImage]:
