@@ -9,7 +9,8 @@ Who does what:
   worker dies and start a new one; the new workers resume from our own latest checkpoint. Our
   checkpoint directory is the single source of truth (Ray Train's own checkpoints are not used), so
   train.out_dir must be storage that every worker sees: a local path on one machine, a shared
-  filesystem (NFS, EFS, FSx, GCS/S3 mounts) on a multi-node cluster, or s3:// (see storage.py).
+  filesystem (NFS, EFS, FSx, GCS/S3 mounts) on a multi-node cluster, or s3://, which needs no shared
+  filesystem (each node stages its files locally and S3 holds the checkpoints; see storage.py).
 
 Only this package imports Ray; the trainer runs unchanged under torchrun, the DeepSpeed launcher or here.
 """
@@ -104,12 +105,12 @@ def parameter_digest(module) -> str:
     return digest.hexdigest()
 
 
-def _train_and_digest(config, data):
+def _train_and_digest(config, data, after_save=None):
     """trainer.train.train, keeping the module long enough to fingerprint this rank's final weights.
     Ray Train owns the process group, so (as in train()) only the engine is torn down here."""
     from trainer.train import Trainer
 
-    trainer = Trainer(config, data)
+    trainer = Trainer(config, data, after_save)
     try:
         result = trainer.run()
         return result, parameter_digest(trainer.engine.module)
@@ -138,6 +139,7 @@ def _write_worker_file(out_dir: str, rank: int, run: str, extra: dict | None = N
 
 def train_worker(payload: dict) -> None:
     """The function every Ray Train worker runs."""
+    import ray
     import ray.train
 
     from cluster.storage import staged_out_dir
@@ -152,7 +154,8 @@ def train_worker(payload: dict) -> None:
     os.environ["UNSUP3D_CATEGORY"] = config.category
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{payload['run']} rank {rank}] "
                         "%(name)s: %(message)s", datefmt="%H:%M:%S")
-    with staged_out_dir(config, rank, context.get_world_size()) as out_dir:
+    node_id = ray.get_runtime_context().get_node_id()  # s3:// outputs are staged per node: no shared filesystem
+    with staged_out_dir(config, rank, node_id) as (out_dir, after_save):
         config.train.out_dir = out_dir
         _write_worker_file(out_dir, rank, payload["run"])
         data = None
@@ -163,7 +166,7 @@ def train_worker(payload: dict) -> None:
             data = StreamingBatches(config.stream, rank=group.rank, world_size=group.world_size,
                                     device=resolve_device(config.train.device, group.local_rank))
         try:
-            result, digest = _train_and_digest(config, data)
+            result, digest = _train_and_digest(config, data, after_save)
         finally:
             if data is not None:
                 data.close()

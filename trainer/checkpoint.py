@@ -10,11 +10,19 @@ Layout of `<out_dir>/checkpoints`:
         model.pt            the nets' float32 weights (master weights under bf16/fp16), for evaluation
     .tmp_step_00000500/     a checkpoint being written; renamed to step_00000500 when complete
 
-Atomicity: every rank writes into the .tmp directory; rank 0 then writes state.pt and model.pt,
-fsyncs, renames the directory into place, and replaces `latest` by rename. A run killed at any
-moment leaves either the previous complete checkpoint or the new one, never a half-written one
-under a real name. Ranks must share the checkpoint directory (DeepSpeed's ZeRO checkpoints
-require the same).
+Atomicity: every rank writes into the .tmp directory; rank 0 then writes model.pt and builds state.pt,
+and the directory's leader (below; rank 0 when all ranks share it) writes state.pt, fsyncs, renames the
+directory into place, and replaces `latest` by rename. A run killed at any moment leaves either the
+previous complete checkpoint or the new one, never a half-written one under a real name.
+
+Ranks need not share the checkpoint directory (node-local staging of an s3:// out_dir, cluster/storage.py).
+On the first save each rank drops a marker `.rank_R` into a folder fresh for that call; the lowest rank
+that sees a directory's markers is its leader and finishes the checkpoint there (state.pt, rename,
+`latest`, pruning). state.pt (built by rank 0, with the hashes of every directory's DeepSpeed files) is
+written into every directory: every rank reads it on resume and rollback. DeepSpeed reads every rank's
+files on load, so a directory holding only its own ranks' files cannot be loaded: the caller's
+`after_save` hook (a SaveHook) gathers them elsewhere, e.g. on S3, and brings them back before a resume.
+With one shared directory rank 0 is the only leader and the files are what they always were.
 
 Loading never unpickles arbitrary objects. state.pt and model.pt are read with
 torch.load(weights_only=True). DeepSpeed 0.19.8 reads its own files with
@@ -28,13 +36,15 @@ DeepSpeed classes its files hold, and the files are checked against the SHA-256 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -90,14 +100,42 @@ def _ds_file_hashes(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): _sha256(p) for p in sorted(ds.rglob("*")) if p.is_file()}
 
 
+class SaveHook(Protocol):
+    """What CheckpointManager.save tells its caller (e.g. cluster/storage.py's S3 mirror)."""
+
+    def directory_saved(self, step_dir: Path) -> None:
+        """On the leader of each checkpoint directory, once `step_dir` is complete there."""
+
+    def checkpoint_saved(self, step_dir: Path) -> None:
+        """On rank 0, once directory_saved returned in every directory."""
+
+
+def directory_leader(directory: Path, rank: int) -> int:
+    """Collective: the lowest rank that sees the same `directory` as this one (each rank drops a marker
+    file into a folder named by a token fresh for this call, so markers of killed runs never count)."""
+    from trainer.distributed import barrier, broadcast_object
+
+    marks = Path(directory) / f".ranks_{broadcast_object(secrets.token_hex(8) if rank == 0 else None)}"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / f".rank_{rank}").touch()
+    barrier()
+    leader = min(int(p.name[len(".rank_"):]) for p in marks.iterdir())
+    barrier()  # every rank has listed the markers before the leader removes them
+    if rank == leader:
+        shutil.rmtree(marks, ignore_errors=True)
+    return leader
+
+
 class CheckpointManager:
     """Saves and finds checkpoint directories in one folder."""
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, after_save: SaveHook | None = None):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
+        self.after_save = after_save
+        self._leader: int | None = None  # found on the first save: which ranks share a folder does not change
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"step_{step:08d}"
@@ -131,11 +169,16 @@ class CheckpointManager:
              rank: int) -> Path:
         """Collective: every rank calls it. `shared` and `per_rank` (every rank's entry, the same list on
         all ranks) must hold only tensors, numbers, strings, lists and dicts; `model_state` is rank 0's."""
-        from trainer.distributed import barrier
+        from trainer.distributed import all_gather_object, barrier, broadcast_object
 
+        if self._leader is None:
+            self._leader = directory_leader(self.directory, rank)
+            if rank == self._leader and rank != 0:
+                log.info("rank %d finishes the checkpoints in %s (not shared with rank 0)", rank, self.directory)
+        leader = rank == self._leader
         final = self.path_for(step)
         tmp = self.directory / f".tmp_{final.name}"
-        if rank == 0:
+        if leader:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
             tmp.mkdir()
@@ -145,12 +188,22 @@ class CheckpointManager:
         if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
             log.warning("fault injection: killing rank %d in the middle of saving step %d", rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
+        # Each directory's leader hashes the DeepSpeed files written there; state.pt records all of them.
+        ds_files: dict[str, str] = {}
+        for part in all_gather_object(_ds_file_hashes(tmp) if leader else {}):
+            ds_files.update(part)
+        state_bytes = None
         if rank == 0:
             state = {**shared, "format_version": FORMAT_VERSION, "step": step,
                      "ranks": {str(r): s for r, s in enumerate(per_rank)}, "world_size": len(per_rank),
-                     "ds_files": _ds_file_hashes(tmp)}
+                     "ds_files": ds_files}
             torch.save({"model": model_state, "step": step, "config_yaml": shared.get("config_yaml")}, tmp / MODEL_FILE)
-            torch.save(state, tmp / STATE_FILE)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            state_bytes = buffer.getvalue()
+        state_bytes = broadcast_object(state_bytes)  # the same state.pt in every directory
+        if leader:
+            (tmp / STATE_FILE).write_bytes(state_bytes)
             for path in tmp.rglob("*"):
                 if path.is_file():
                     _fsync_file(path)
@@ -161,13 +214,17 @@ class CheckpointManager:
             _fsync_dir(self.directory)
             _atomic_write_bytes(self.directory / "latest", final.name.encode())
             self._prune()
+            if self.after_save is not None:
+                self.after_save.directory_saved(final)
         barrier()
+        if rank == 0 and self.after_save is not None:
+            self.after_save.checkpoint_saved(final)
         return final
 
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.directory.glob(".tmp_step_*"):
+        for stale in [*self.directory.glob(".tmp_step_*"), *self.directory.glob(".ranks_*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -93,6 +93,15 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (`obj` itself without a group of several)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any (one tiny all-reduce)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from trainer.checkpoint import CheckpointError, CheckpointManager, read_state, verify_ds_files
+from trainer.checkpoint import CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files
 from trainer.config import RunConfig, dump_config, model_config_hash
 from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_process_group
 from trainer.engine import Engine, build_engine
@@ -127,7 +127,8 @@ def fp32_model_state(engine: Engine) -> dict:
 class Trainer:
     """One run on one process of the group; `run()` trains to the end."""
 
-    def __init__(self, config: RunConfig, data: BatchSource | None = None):
+    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None):
+        """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook)."""
         self.config = config
         self.out_dir = Path(config.train.out_dir)
         self.group: ProcessGroup = init_process_group(resolve_device(config.train.device).type)
@@ -152,7 +153,8 @@ class Trainer:
                                  rank=self.group.rank, world_size=self.group.world_size)
         self.data = data
         self.accumulation = self.engine.config.gradient_accumulation_steps
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints,
+                                             after_save=after_save)
         self.total_steps = config.train.max_steps or max(1, config.train.epochs * data.batches_per_epoch // self.accumulation)
         self.arch_hash = model_config_hash(config.model)
         self.step = 0
@@ -345,9 +347,9 @@ class Trainer:
         return TrainResult(self.step, losses, str(saved) if saved else None, images_per_second)
 
 
-def train(config: RunConfig, data: BatchSource | None = None) -> TrainResult:
+def train(config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None) -> TrainResult:
     """Train (or resume) the run described by `config`, on `data` or else on the folder data.root."""
-    trainer = Trainer(config, data)
+    trainer = Trainer(config, data, after_save)
     try:
         return trainer.run()
     finally:
