@@ -126,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from trainer.synthetic import main_generate
 
     counts = main_generate(args.out, args.image_size, args.num_train, args.num_val, args.num_test, args.seed,
-                           args.background)
+                           args.background, args.albedo_hues)
     print(json.dumps(counts))
     return 0
 
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--background", choices=("noise", "plain", "black"), default="noise",
                    help="black backgrounds can be reconstructed exactly, which collapses the confidence-weighted loss")
+    p.add_argument("--albedo-hues", choices=("any", "skin"), default="any",
+                   help="base albedo hue: the whole hue circle, or reds to oranges like faces")
     p.set_defaults(func=cmd_generate)
 
     try:

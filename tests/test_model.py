@@ -82,3 +82,22 @@ def test_every_size_trains_a_step(size):
     assert torch.isfinite(terms["total"])
     changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert changed == len(before)  # every net gets gradient
+
+
+def test_depth_prior_starts_convex_symmetric_and_stays_out_of_checkpoints():
+    torch.manual_seed(0)
+    flat = Unsup3D(small_model_config(depth_init_scale=0.0))
+    torch.manual_seed(0)
+    prior = Unsup3D(small_model_config(depth_init_scale=0.0, depth_prior=0.5))
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        d_flat = flat.decompose(image).canon_depth_raw
+        d_prior = prior.decompose(image).canon_depth_raw
+    assert torch.allclose(d_flat, torch.ones_like(d_flat))  # zero last conv: flat at the mid depth
+    centre, corner = d_prior[:, 32, 32], d_prior[:, 2, 2]
+    assert (centre < corner - 0.03).all()  # nearer in the middle: a convex bump of about 0.05
+    assert torch.allclose(d_prior, d_prior.flip(-1), atol=1e-6)  # symmetric: no side is favoured
+    assert "depth_prior" not in prior.state_dict()
+    flat.load_state_dict(prior.state_dict())  # same weights either way
+    with pytest.raises(ValueError, match="depth_prior"):
+        small_model_config(depth_prior=-1.0)

@@ -15,6 +15,7 @@ from trainer.render import geometry
 from trainer.synface import SynfaceFolder, decode_depth_png
 from trainer.synthetic import (
     SyntheticConfig,
+    _hsv_to_rgb,
     generate_synface,
     main_generate,
     render_objects,
@@ -295,3 +296,19 @@ def test_config_is_validated():
     with pytest.raises(ValueError):
         SyntheticConfig(base_depth_range=(1.05, 1.2))
     assert math.isclose(SyntheticConfig().max_yaw_degrees, 30.0)
+
+
+def test_skin_hues_change_only_the_base_colour():
+    any_hue, skin = SyntheticConfig(), SyntheticConfig(albedo_hues="skin")
+    g = torch.Generator()
+    g.manual_seed(0)
+    p_any = sample_params(16, any_hue, g)
+    g.manual_seed(0)
+    p_skin = sample_params(16, skin, g)
+    # The same random draws: every parameter but the hue is identical, the hue is mapped into [0, 0.1].
+    assert all(torch.equal(p_any[k], p_skin[k]) for k in p_any if k != "hue")
+    assert torch.allclose(p_skin["hue"], p_any["hue"] * 0.1) and p_any["hue"].max() > 0.5
+    base = _hsv_to_rgb(p_skin["hue"], p_skin["sat"], p_skin["val"])
+    assert (base[:, 0] >= base[:, 1]).all() and (base[:, 1] >= base[:, 2]).all()  # reds to oranges
+    with pytest.raises(ValueError, match="albedo_hues"):
+        SyntheticConfig(albedo_hues="blue")

@@ -60,12 +60,22 @@ class ModelConfig:
     whose depth maps start with per-pixel roughness of about 0.02 (a tenth of the depth range) that
     a long run slowly smooths out; a small value starts from a nearly flat depth map, which short
     CPU runs need."""
+    depth_prior: float = 0.0
+    """Amplitude of a fixed convex bump added to the depth net's raw output (before tanh): the
+    paraboloid -a * max(0, 1 - (x/0.75)^2 - (y/0.9)^2) over the frame in [-1, 1]^2, nearer in the
+    centre (0.5 is about 0.05 in depth). 0 is the reference. Not learned and not stored in
+    checkpoints (it follows from the config). Why: shading alone cannot tell a convex surface lit
+    from one side from a concave one lit from the other, and a flat start sits exactly between them
+    with no gradient for the light direction; the reference breaks the tie over tens of thousands
+    of iterations, a small convex bias breaks it at once (see BENCHMARKS.md, issue 2 item 9)."""
 
     def __post_init__(self):
         if self.min_depth >= self.max_depth:
             raise ValueError(f"min_depth ({self.min_depth}) must be below max_depth ({self.max_depth})")
         if self.supersample not in (1, 2):
             raise ValueError(f"supersample must be 1 or 2, got {self.supersample}")
+        if self.depth_prior < 0:
+            raise ValueError(f"depth_prior must be >= 0 (a convex bump), got {self.depth_prior}")
 
     @property
     def resolved_border_depth(self) -> float:
@@ -123,6 +133,9 @@ class SyntheticDataConfig:
     """'noise' (smooth random colour fields), 'plain' or 'black'. A black background can be
     reconstructed exactly, which lets the confidence maps drive the photometric loss towards
     log(eps) there and the model collapse (albedo and colour lost); photos never allow that."""
+    albedo_hues: str = "any"
+    """Base albedo hue: 'any' (the whole hue circle) or 'skin' (reds to oranges, like the BFM faces
+    of the reference's synface set)."""
 
 
 @dataclass

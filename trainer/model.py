@@ -25,6 +25,12 @@ def map_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (1 + x) / 2 * high + (1 - x) / 2 * low
 
 
+def convex_depth_prior(size: int, amplitude: float) -> torch.Tensor:
+    """[H, W] raw-depth offset: a paraboloid bump, nearer (negative) in the centre (ModelConfig.depth_prior)."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return -amplitude * (1 - (x / 0.75) ** 2 - (y / 0.9) ** 2).clamp(min=0)
+
+
 @dataclass
 class Decomposition:
     """What the model infers from a batch of B images (canonical maps and the input-view renders).
@@ -59,6 +65,8 @@ class Unsup3D(nn.Module):
             last_conv = self.depth_net.decoder[-1]
             with torch.no_grad():
                 last_conv.weight.mul_(config.depth_init_scale)
+        # persistent=False: follows from the config, so checkpoints stay plain net weights
+        self.register_buffer("depth_prior", convex_depth_prior(size, config.depth_prior), persistent=False)
         self.albedo_net = EncoderDecoder(3, config.albedo_nf, config.albedo_zdim, size, activation=nn.Tanh())
         self.light_net = Encoder(4, config.light_nf, size)
         self.view_net = Encoder(6, config.view_nf, size)
@@ -74,6 +82,7 @@ class Unsup3D(nn.Module):
 
     def canonical_depth(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw depth-net output [B, H, W] -> canonical depth in [min, max] (SPEC 2), before the border overwrite."""
+        raw = raw + self.depth_prior.to(raw.dtype)
         raw = raw - raw.mean(dim=(1, 2), keepdim=True)
         return map_range(torch.tanh(raw), self.config.min_depth, self.config.max_depth)
 

@@ -92,6 +92,10 @@ class SyntheticConfig:
     """Image colour where the object is not: "black" (as the reference synface images), "plain" (a
     random dark colour per image) or "noise" (smooth random blotches of mostly grey, a stand-in for
     photographs behind a rendered face; makes the task harder)."""
+    albedo_hues: str = "any"
+    """Base albedo hue: "any" (the whole hue circle) or "skin" (reds to oranges, hue 0 to 0.1, as the
+    BFM faces of the reference's synface set). Arbitrary hues are much harder for the albedo net: a
+    short run learns their shading and silhouette long before their colour (BENCHMARKS.md)."""
     render_scale: int = 2
     """Render at this multiple of image_size and average-pool (anti-aliasing); 1 turns it off."""
     batch_size: int = 64
@@ -108,6 +112,8 @@ class SyntheticConfig:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if self.render_scale < 1:
             raise ValueError(f"render_scale must be >= 1, got {self.render_scale}")
+        if self.albedo_hues not in ("any", "skin"):
+            raise ValueError(f"albedo_hues must be any or skin, got {self.albedo_hues!r}")
         if self.background not in ("black", "plain", "noise"):
             raise ValueError(f"background must be black, plain or noise, got {self.background!r}")
         if not NEAR_DEPTH <= self.nearest_depth_range[0] <= self.nearest_depth_range[1] < self.base_depth_range[0]:
@@ -195,6 +201,8 @@ def sample_params(n: int, cfg: SyntheticConfig, gen: torch.Generator) -> dict[st
     p["asym_scale"] = u(0.5, 1.0)
     # Albedo, in [0, 1] colour units: a base colour (HSV), mirrored variation, dark features.
     p["hue"] = u(0.0, 1.0)
+    if cfg.albedo_hues == "skin":  # the same draw, mapped: the random stream does not change
+        p["hue"] = p["hue"] * 0.1
     p["sat"] = u(0.1, 0.6)
     p["val"] = u(0.5, 0.9)
     p["alb_pair_amp"] = u(-0.2, 0.2, _NUM_ALBEDO_PAIRS, 3)
@@ -557,8 +565,8 @@ def _generate(root: str, cfg: SyntheticConfig, splits) -> dict[str, int]:
 
 
 def main_generate(root: str, image_size: int, num_train: int, num_val: int, num_test: int, seed: int,
-                  background: str = "noise") -> dict[str, int]:
+                  background: str = "noise", albedo_hues: str = "any") -> dict[str, int]:
     """CLI entry: generate a synthetic synface-layout data set under root with default distributions."""
     cfg = SyntheticConfig(image_size=image_size, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed,
-                          background=background)
+                          background=background, albedo_hues=albedo_hues)
     return generate_synface(root, cfg)

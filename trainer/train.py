@@ -86,7 +86,8 @@ def prepare_data(config: RunConfig) -> None:
     from trainer.synthetic import main_generate
 
     log.info("generating synthetic data into %s", root)
-    main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background)
+    main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background,
+                  gen.albedo_hues)
 
 
 @dataclass
