@@ -72,3 +72,12 @@ def test_shipped_configs_load():
         if path.name.startswith(("fleet", "ray-", "kuberay")):
             continue
         load_run_config(path)
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "synface.yaml", "experiments/cpu-smooth.yaml",
+                                  "experiments/cpu-smooth-no-perceptual.yaml", "experiments/cpu-convex-prior.yaml"])
+def test_shipped_run_configs_load(name):
+    from pathlib import Path
+
+    config = load_run_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert config.train.max_steps is None or config.train.max_steps > 0

@@ -428,10 +428,7 @@ def sample_objects(n: int, cfg: SyntheticConfig, generator: torch.Generator) -> 
     xy translation 0.1 and z range 0), plus canon_mask [n,H,W] (1 on the object) and background
     [n,3,H,W] in [-1,1] (the image colour off the object).
     """
-    p = sample_params(n, cfg, generator)
-    out = _fields(p, cfg.image_size, cfg)
-    out["light"], out["view"] = _light_and_view(p)
-    return out
+    return canonical_fields(sample_params(n, cfg, generator), cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +500,20 @@ def _render(p: dict[str, torch.Tensor], cfg: SyntheticConfig) -> dict[str, torch
     return {"image": image.clamp(-1, 1), "depth": depth, "object": obj}
 
 
+def dataset_params(cfg: SyntheticConfig, split: str, indices) -> dict[str, torch.Tensor]:
+    """The parameters generate_synface drew for these samples of a split (for diagnostics that
+    compare a model's light, view or canonical depth with the truth)."""
+    return _cat_params([sample_params(1, cfg, _per_sample_generator(cfg.seed, split, i)) for i in indices])
+
+
+def canonical_fields(params: dict[str, torch.Tensor], cfg: SyntheticConfig) -> dict[str, torch.Tensor]:
+    """Canonical depth, albedo, object mask and background of sample_params' objects at image_size,
+    plus the model-parameterised light [n,4] and view [n,6] (what sample_objects returns)."""
+    out = _fields(params, cfg.image_size, cfg)
+    out["light"], out["view"] = _light_and_view(params)
+    return out
+
+
 def render_objects(params: dict[str, torch.Tensor], cfg: SyntheticConfig) -> dict[str, torch.Tensor]:
     """Render objects given by sample_params in their views, as generate_synface writes them.
 
@@ -555,7 +566,7 @@ def _generate(root: str, cfg: SyntheticConfig, splits) -> dict[str, int]:
         os.makedirs(os.path.join(root, split, "depth"), exist_ok=True)
         for start in range(0, n, cfg.batch_size):
             idx = range(start, min(n, start + cfg.batch_size))
-            p = _cat_params([sample_params(1, cfg, _per_sample_generator(cfg.seed, split, i)) for i in idx])
+            p = dataset_params(cfg, split, idx)
             out = _render(p, cfg)
             depth = out["depth"].double().numpy()
             for j, i in enumerate(idx):
