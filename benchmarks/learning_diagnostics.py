@@ -26,6 +26,12 @@ bounds: SIDE and MAD (exact) on the test split of such a folder for canonical de
   metrics reward, independent of any training.
 
     .venv/bin/python benchmarks/learning_diagnostics.py bounds --data data/synthetic-black
+
+scan: the photometric loss of 64 generated objects with everything set to the truth except one view
+  angle, offset by -30..30 degrees: the shape of the loss the view net descends (a narrow or
+  bumpy basin would make the pose hard to learn by gradient; a wide V-shaped one does not).
+
+    .venv/bin/python benchmarks/learning_diagnostics.py scan
 """
 
 from __future__ import annotations
@@ -167,6 +173,31 @@ def bounds(args: argparse.Namespace) -> None:
             print(f"| {shape_name} | {view_name} | {side:.3f} | {mad:.2f} |")
 
 
+def scan(args: argparse.Namespace) -> None:
+    data_cfg = SyntheticConfig(background=args.background)
+    params = sample_params(64, data_cfg, torch.Generator().manual_seed(args.seed + 5))
+    images = render_objects(params, data_cfg)["image"].float()
+    truth = canonical_fields(params, data_cfg)
+    model = Unsup3D(small_model_config())
+    given: dict[str, torch.Tensor] = {}
+    model.canonical_depth = lambda raw: truth["canon_depth"] + 0 * raw
+    model.albedo_net.forward = lambda x: truth["canon_albedo"]
+    model.light_net.forward = lambda x: truth["light"]
+    model.view_net.forward = lambda x: given["view"]
+    loss_fn = Unsup3DLoss(LossConfig(lam_perc=0.0, lam_flip=0.0), None, model.config)
+    offsets = (-30, -20, -10, -5, -2, 0, 2, 5, 10, 20, 30)
+    print("| angle | " + " | ".join(f"{o:+d} deg" for o in offsets) + " |\n|---|" + "---|" * len(offsets))
+    for index, name in enumerate(VIEW_NAMES[:3]):
+        losses = []
+        for offset in offsets:
+            view = truth["view"].clone()
+            view[:, index] += offset / model.config.max_rotation_degrees
+            given["view"] = view
+            with torch.no_grad():
+                losses.append(loss_fn(images, model.decompose(images))["photometric"].item())
+        print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +226,10 @@ def main() -> None:
     b.add_argument("--depth-prior", type=float, default=0.5)
     b.add_argument("--seed", type=int, default=0, help="the seed the folder was generated with")
     b.set_defaults(func=bounds)
+    c = sub.add_parser("scan", help="photometric loss against one view angle's offset from the truth")
+    c.add_argument("--background", choices=("black", "plain", "noise"), default="black")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=scan)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.func(args)
