@@ -68,6 +68,21 @@ def shape_agreement(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) 
     return sum(corr) / n, sum(relief_pred) / n, sum(relief_true) / n
 
 
+def give_truth(model: Unsup3D, parts: set[str]) -> dict[str, torch.Tensor]:
+    """Make the named parts of `model` return what the caller puts into the returned dict (under the
+    same names) instead of a net's output: the truth, in the raw parameterisation the nets produce."""
+    given: dict[str, torch.Tensor] = {}
+    if "depth" in parts:
+        model.canonical_depth = lambda raw: given["depth"] + 0 * raw
+    if "albedo" in parts:
+        model.albedo_net.forward = lambda x: given["albedo"]
+    if "light" in parts:
+        model.light_net.forward = lambda x: given["light"]
+    if "view" in parts:
+        model.view_net.forward = lambda x: given["view"]
+    return given
+
+
 def small_model_config(**overrides) -> ModelConfig:
     return ModelConfig(depth_nf=16, depth_zdim=64, albedo_nf=16, albedo_zdim=64, light_nf=16, view_nf=16,
                        conf_nf=16, conf_zdim=32, use_confidence=False, **overrides)
@@ -85,16 +100,7 @@ def ablate(args: argparse.Namespace) -> None:
     truth = canonical_fields(params, data_cfg)
     model = Unsup3D(small_model_config(depth_init_scale=args.depth_init_scale, depth_prior=args.depth_prior))
     loss_fn = Unsup3DLoss(LossConfig(lam_perc=0.0, lam_flip=args.lam_flip, lam_smooth=args.lam_smooth), None, model.config)
-    given: dict[str, torch.Tensor] = {}
-    # The truth stands in for a net's output (the same raw parameterisation the nets produce).
-    if "depth" not in learn:
-        model.canonical_depth = lambda raw: given["depth"] + 0 * raw
-    if "albedo" not in learn:
-        model.albedo_net.forward = lambda x: given["albedo"]
-    if "light" not in learn:
-        model.light_net.forward = lambda x: given["light"]
-    if "view" not in learn:
-        model.view_net.forward = lambda x: given["view"]
+    given = give_truth(model, set(PARTS) - learn)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     start = time.time()
     print(f"learn {sorted(learn)}, the rest given; {args.pool} objects, background {args.background}, "
@@ -179,11 +185,8 @@ def scan(args: argparse.Namespace) -> None:
     images = render_objects(params, data_cfg)["image"].float()
     truth = canonical_fields(params, data_cfg)
     model = Unsup3D(small_model_config())
-    given: dict[str, torch.Tensor] = {}
-    model.canonical_depth = lambda raw: truth["canon_depth"] + 0 * raw
-    model.albedo_net.forward = lambda x: truth["canon_albedo"]
-    model.light_net.forward = lambda x: truth["light"]
-    model.view_net.forward = lambda x: given["view"]
+    given = give_truth(model, set(PARTS))
+    given.update(depth=truth["canon_depth"], albedo=truth["canon_albedo"], light=truth["light"])
     loss_fn = Unsup3DLoss(LossConfig(lam_perc=0.0, lam_flip=0.0), None, model.config)
     offsets = (-30, -20, -10, -5, -2, 0, 2, 5, 10, 20, 30)
     print("| angle | " + " | ".join(f"{o:+d} deg" for o in offsets) + " |\n|---|" + "---|" * len(offsets))
