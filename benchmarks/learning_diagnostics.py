@@ -19,7 +19,7 @@ probe: for a checkpoint and a folder written by `unsup3d generate` (seed 0), the
   both.
 
     .venv/bin/python benchmarks/learning_diagnostics.py probe --checkpoint runs/x/checkpoints/step_00001000 \\
-        --data data/synthetic-black --background black
+        --data data/synthetic-black
 
 bounds: SIDE and MAD (exact) on the test split of such a folder for canonical depths and views built
   from the truth (true shape in a frontal view, the convex prior in the true view, ...): what the
@@ -131,7 +131,7 @@ def ablate(args: argparse.Namespace) -> None:
 
 def probe(args: argparse.Namespace) -> None:
     model, _, step = load_model(args.checkpoint, torch.device("cpu"))
-    data_cfg = SyntheticConfig(background=args.background, albedo_hues=args.albedo_hues, seed=args.seed)
+    data_cfg = SyntheticConfig(seed=args.seed)  # shape, light and view do not depend on background or hues
     batch = next(SynfaceFolder(args.data, "test", model.config.image_size).batches(64))
     indices = [int(name.split("_")[0]) for name in batch["name"]]
     truth = canonical_fields(dataset_params(data_cfg, "test", indices), data_cfg)
@@ -220,8 +220,6 @@ def main() -> None:
     p = sub.add_parser("probe", help="compare a checkpoint's light, view and canonical depth with the truth")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="a folder written by unsup3d generate")
-    p.add_argument("--background", choices=("black", "plain", "noise"), default="noise")
-    p.add_argument("--albedo-hues", choices=("any", "skin"), default="any")
     p.add_argument("--seed", type=int, default=0, help="the seed the folder was generated with")
     p.set_defaults(func=probe)
     b = sub.add_parser("bounds", help="SIDE and MAD of true or prior shapes in true or frontal views")
