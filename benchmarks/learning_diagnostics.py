@@ -15,8 +15,9 @@ ablate: train the reduced-width model (widths 16, batch 32, no perceptual net, n
 
 probe: for a checkpoint and a folder written by `unsup3d generate` (seed 0), the correlation of the
   light and view nets' outputs with the truth over the first 64 test images, the canonical depth's
-  correlation with the true canonical depth, and the relief (nearest to farthest object pixel) of
-  both.
+  correlation with the true canonical depth, the relief (nearest to farthest object pixel) of
+  both, and the per-image variation correlation (each map minus the mean map, against the same for
+  the truth: whether the depth net reads each object's shape or draws one template for all).
 
     .venv/bin/python benchmarks/learning_diagnostics.py probe --checkpoint runs/x/checkpoints/step_00001000 \\
         --data data/synthetic-black
@@ -66,6 +67,17 @@ def shape_agreement(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) 
         relief_true.append((t.max() - t.min()).item())
     n = len(corr)
     return sum(corr) / n, sum(relief_pred) / n, sum(relief_true) / n
+
+
+def variation_agreement(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean per-image correlation, on object pixels, of each depth map's departure from the batch's
+    mean map: 0 for a net that draws one template for every image (however face-like), 1 for one
+    that reads each object's own shape from its image."""
+    pred = pred - pred.mean((1, 2), keepdim=True)
+    true = true - true.mean((1, 2), keepdim=True)
+    pred, true = pred - pred.mean(0), true - true.mean(0)
+    corr = [correlation(pred[k][mask[k]], true[k][mask[k]]) for k in range(pred.shape[0])]
+    return sum(c if c == c else 0.0 for c in corr) / len(corr)  # a constant map gives NaN: count it 0
 
 
 def give_truth(model: Unsup3D, parts: set[str]) -> dict[str, torch.Tensor]:
@@ -144,7 +156,9 @@ def probe(args: argparse.Namespace) -> None:
     print("view corr " + " ".join(f"{n} {correlation(out.view[:, k], truth['view'][:, k]):.2f}"
                                   for k, n in enumerate(VIEW_NAMES[:5]))
           + f" (yaw std {out.view[:, 1].std():.3f} vs true {truth['view'][:, 1].std():.3f})")
-    print(f"canonical depth corr {corr:.3f}, relief {relief:.4f} (true {relief_true:.4f})")
+    variation = variation_agreement(out.canon_depth_raw.double(), truth["canon_depth"].double(), truth["canon_mask"] > 0.5)
+    print(f"canonical depth corr {corr:.3f}, relief {relief:.4f} (true {relief_true:.4f}), "
+          f"per-image variation corr {variation:.3f}")
 
 
 def bounds(args: argparse.Namespace) -> None:

@@ -101,3 +101,15 @@ def test_depth_prior_starts_convex_symmetric_and_stays_out_of_checkpoints():
     flat.load_state_dict(prior.state_dict())  # same weights either way
     with pytest.raises(ValueError, match="depth_prior"):
         small_model_config(depth_prior=-1.0)
+
+
+def test_view_init_scale_zero_starts_frontal_and_still_learns_the_pose():
+    torch.manual_seed(0)
+    model = Unsup3D(small_model_config(view_init_scale=0.0))
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = model.decompose(image)
+    assert torch.equal(out.view, torch.zeros_like(out.view))  # every pose starts at exactly zero
+    loss = Unsup3DLoss(LossConfig(lam_perc=0.0), None, model.config)(image, out)["total"]
+    loss.backward()
+    head = model.view_net.network[-2].weight
+    assert head.grad is not None and head.grad.abs().sum() > 0  # a zero head still gets gradient

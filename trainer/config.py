@@ -60,6 +60,13 @@ class ModelConfig:
     whose depth maps start with per-pixel roughness of about 0.02 (a tenth of the depth range) that
     a long run slowly smooths out; a small value starts from a nearly flat depth map, which short
     CPU runs need."""
+    view_init_scale: float = 1.0
+    """Multiplies the initial weights of the view net's last conv (its six outputs). 1 is PyTorch's
+    default init. 0 starts every pose at exactly zero and lets an output move only where the
+    photometric gradient pushes it: with random output weights, the features the view net learns
+    for what is easy (roll, image-plane translation) leak into yaw and pitch, whose gradient is
+    weak while the learned relief is still shallow, and those spurious rotations then stay (seen as
+    predicted pitch following the true roll; BENCHMARKS.md, issue 2 item 9)."""
     depth_prior: float = 0.0
     """Amplitude of a fixed convex bump added to the depth net's raw output (before tanh): the
     paraboloid -a * max(0, 1 - (x/0.75)^2 - (y/0.9)^2) over the frame in [-1, 1]^2, nearer in the

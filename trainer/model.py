@@ -70,6 +70,10 @@ class Unsup3D(nn.Module):
         self.albedo_net = EncoderDecoder(3, config.albedo_nf, config.albedo_zdim, size, activation=nn.Tanh())
         self.light_net = Encoder(4, config.light_nf, size)
         self.view_net = Encoder(6, config.view_nf, size)
+        if config.view_init_scale != 1.0:
+            last_conv = self.view_net.network[-2]
+            with torch.no_grad():
+                last_conv.weight.mul_(config.view_init_scale)
         self.confidence_net = ConfidenceNet(config.conf_nf, config.conf_zdim, size) if config.use_confidence else None
         self.renderer = Renderer(
             RendererConfig(
