@@ -6,4 +6,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 unsup3d train --config configs/default.yaml "$@"
-unsup3d evaluate --checkpoint runs/default/checkpoints --data data/synthetic --output runs/default/evaluation.json
+unsup3d evaluate --checkpoint runs/default/checkpoints --data data/synthetic-black --output runs/default/evaluation.json

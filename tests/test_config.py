@@ -75,7 +75,8 @@ def test_shipped_configs_load():
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "synface.yaml", "experiments/cpu-smooth.yaml",
-                                  "experiments/cpu-smooth-no-perceptual.yaml", "experiments/cpu-convex-prior.yaml"])
+                                  "experiments/cpu-smooth-no-perceptual.yaml", "experiments/cpu-convex-prior.yaml",
+                                  "experiments/cpu-reference-recipe.yaml"])
 def test_shipped_run_configs_load(name):
     from pathlib import Path
 
