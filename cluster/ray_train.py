@@ -55,9 +55,16 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return "cluster"
-    # A laptop or a test: nothing listens beyond loopback, no dashboard.
+    # A laptop or a test: Ray listens on loopback only (torch's TCPStore, which Ray Train's process
+    # group rendezvous starts in the rank-0 worker, still binds every interface: a torch default that
+    # Ray Train does not let us change). The dashboard (on 127.0.0.1) serves the
+    # State API, which Ray Train's placement-group cleaner polls every few seconds: without it every
+    # poll logs "Failed to query Ray Train Controller actor state" to the console. (With two embedded
+    # Rays on one machine the cleaner cannot tell which to ask and its thread exits with one
+    # traceback; training is unaffected.)
     loopback_only()
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=num_cpus, log_to_driver=True)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             num_cpus=num_cpus, log_to_driver=True)
     return "local"
 
 
