@@ -53,6 +53,12 @@ class Decomposition:
     sigma_perceptual: torch.Tensor | None  # [2B, 1, H/4, W/4]
 
 
+def scale_initial_weights(layer: nn.Module, scale: float) -> None:
+    """Multiply a freshly initialised layer's weights (ModelConfig.depth_init_scale, view_init_scale)."""
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+
+
 class Unsup3D(nn.Module):
     """The five independent nets (SPEC 2) with the renderer in between (SPEC 3)."""
 
@@ -61,19 +67,13 @@ class Unsup3D(nn.Module):
         self.config = config
         size = config.image_size
         self.depth_net = EncoderDecoder(1, config.depth_nf, config.depth_zdim, size)
-        if config.depth_init_scale != 1.0:
-            last_conv = self.depth_net.decoder[-1]
-            with torch.no_grad():
-                last_conv.weight.mul_(config.depth_init_scale)
+        scale_initial_weights(self.depth_net.decoder[-1], config.depth_init_scale)
         # persistent=False: follows from the config, so checkpoints stay plain net weights
         self.register_buffer("depth_prior", convex_depth_prior(size, config.depth_prior), persistent=False)
         self.albedo_net = EncoderDecoder(3, config.albedo_nf, config.albedo_zdim, size, activation=nn.Tanh())
         self.light_net = Encoder(4, config.light_nf, size)
         self.view_net = Encoder(6, config.view_nf, size)
-        if config.view_init_scale != 1.0:
-            last_conv = self.view_net.network[-2]
-            with torch.no_grad():
-                last_conv.weight.mul_(config.view_init_scale)
+        scale_initial_weights(self.view_net.network[-2], config.view_init_scale)
         self.confidence_net = ConfidenceNet(config.conf_nf, config.conf_zdim, size) if config.use_confidence else None
         self.renderer = Renderer(
             RendererConfig(
