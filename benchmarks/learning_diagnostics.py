@@ -141,22 +141,29 @@ def ablate(args: argparse.Namespace) -> None:
                   + f" | {time.time() - start:.0f} s", flush=True)
 
 
+def test_split_with_truth(data: str, seed: int, image_size: int, count: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The first `count` test images of a folder written by `unsup3d generate --seed seed`, and the
+    generator's truth for them (shape, light and view do not depend on background or hues)."""
+    batch = next(SynfaceFolder(data, "test", image_size).batches(count))
+    data_cfg = SyntheticConfig(seed=seed)
+    indices = [int(name.split("_")[0]) for name in batch["name"]]
+    return batch, canonical_fields(dataset_params(data_cfg, "test", indices), data_cfg)
+
+
 def probe(args: argparse.Namespace) -> None:
     model, _, step = load_model(args.checkpoint, torch.device("cpu"))
-    data_cfg = SyntheticConfig(seed=args.seed)  # shape, light and view do not depend on background or hues
-    batch = next(SynfaceFolder(args.data, "test", model.config.image_size).batches(64))
-    indices = [int(name.split("_")[0]) for name in batch["name"]]
-    truth = canonical_fields(dataset_params(data_cfg, "test", indices), data_cfg)
+    batch, truth = test_split_with_truth(args.data, args.seed, model.config.image_size, 64)
     with torch.no_grad():
         out = model.decompose(batch["image"])
-    corr, relief, relief_true = shape_agreement(out.canon_depth_raw, truth["canon_depth"], truth["canon_mask"] > 0.5)
-    print(f"{args.checkpoint} (step {step}), {len(indices)} test images of {args.data}")
+    on_object = truth["canon_mask"] > 0.5
+    corr, relief, relief_true = shape_agreement(out.canon_depth_raw, truth["canon_depth"], on_object)
+    print(f"{args.checkpoint} (step {step}), {len(batch['name'])} test images of {args.data}")
     print("light corr " + " ".join(f"{n} {correlation(out.light[:, k], truth['light'][:, k]):.2f}"
                                    for k, n in enumerate(LIGHT_NAMES)))
     print("view corr " + " ".join(f"{n} {correlation(out.view[:, k], truth['view'][:, k]):.2f}"
                                   for k, n in enumerate(VIEW_NAMES[:5]))
           + f" (yaw std {out.view[:, 1].std():.3f} vs true {truth['view'][:, 1].std():.3f})")
-    variation = variation_agreement(out.canon_depth_raw.double(), truth["canon_depth"].double(), truth["canon_mask"] > 0.5)
+    variation = variation_agreement(out.canon_depth_raw.double(), truth["canon_depth"].double(), on_object)
     print(f"canonical depth corr {corr:.3f}, relief {relief:.4f} (true {relief_true:.4f}), "
           f"per-image variation corr {variation:.3f}")
 
@@ -166,10 +173,7 @@ def bounds(args: argparse.Namespace) -> None:
     from trainer.render.geometry import intrinsics
 
     model = Unsup3D(small_model_config(depth_prior=args.depth_prior))
-    data_cfg = SyntheticConfig(seed=args.seed)
-    batch = next(SynfaceFolder(args.data, "test", model.config.image_size).batches(100_000))
-    indices = [int(name.split("_")[0]) for name in batch["name"]]
-    truth = canonical_fields(dataset_params(data_cfg, "test", indices), data_cfg)
+    batch, truth = test_split_with_truth(args.data, args.seed, model.config.image_size, 100_000)
     gt = batch["depth"].double()
     K = intrinsics(model.config.image_size, dtype=torch.float64)
     shape, view = truth["canon_depth"], truth["view"]
@@ -181,7 +185,7 @@ def bounds(args: argparse.Namespace) -> None:
              ("mean of the true shapes", "true", shape.mean(0, keepdim=True).expand_as(shape), view),
              (f"convex prior ({args.depth_prior})", "true", prior, view),
              (f"convex prior ({args.depth_prior})", "frontal", prior, frontal)]
-    print(f"{len(indices)} test images of {args.data}")
+    print(f"{len(batch['name'])} test images of {args.data}")
     print("| canonical depth | view | SIDE x1e-2 | MAD deg |\n|---|---|---|---|")
     with torch.no_grad():
         for shape_name, view_name, canon, v in cases:
