@@ -126,8 +126,11 @@ class OptimizerConfig:
 
 @dataclass
 class SyntheticDataConfig:
-    """Synthetic objects generated into data.root when it does not exist yet."""
+    """Synthetic data generated into data.root when it does not exist yet."""
 
+    kind: str = "blobs"
+    """'faces' (realistic people rendered from MakeHuman's CC0 head model: trainer/face_generator.py)
+    or 'blobs' (probably-symmetric coloured bumps: trainer/synthetic.py, a fast test fixture)."""
     num_train: int = 2000
     """Training images."""
     num_val: int = 100
@@ -137,12 +140,21 @@ class SyntheticDataConfig:
     seed: int = 0
     """Generator seed (independent of the training seed)."""
     background: str = "noise"
-    """'noise' (smooth random colour fields), 'plain' or 'black'. A black background can be
+    """faces: 'varied' (random colour fields, as photos have) or 'black'. blobs: 'noise' (smooth
+    random colour fields), 'plain' or 'black'. A black background can be
     reconstructed exactly, which lets the confidence maps drive the photometric loss towards
     log(eps) there and the model collapse (albedo and colour lost); photos never allow that."""
     albedo_hues: str = "any"
-    """Base albedo hue: 'any' (the whole hue circle) or 'skin' (reds to oranges, like the BFM faces
-    of the reference's synface set)."""
+    """blobs only. Base albedo hue: 'any' (the whole hue circle) or 'skin' (reds to oranges, like the
+    BFM faces of the reference's synface set)."""
+
+    def __post_init__(self):
+        allowed = {"faces": ("varied", "black"), "blobs": ("noise", "plain", "black")}
+        if self.kind not in allowed:
+            raise ValueError(f"generate_if_missing.kind must be one of {sorted(allowed)}, got {self.kind!r}")
+        if self.background not in allowed[self.kind]:
+            raise ValueError(f"generate_if_missing.background for kind {self.kind} must be one of "
+                             f"{allowed[self.kind]}, got {self.background!r}")
 
 
 @dataclass

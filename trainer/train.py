@@ -83,9 +83,16 @@ def prepare_data(config: RunConfig) -> None:
     gen = config.data.generate_if_missing
     if gen is None or (root / config.data.split).is_dir():
         return
+    log.info("generating synthetic %s into %s", gen.kind, root)
+    if gen.kind == "faces":
+        from trainer.face_generator import FaceConfig, generate_faces
+
+        generate_faces(str(root), FaceConfig(image_size=config.model.image_size, num_train=gen.num_train,
+                                             num_val=gen.num_val, num_test=gen.num_test, seed=gen.seed,
+                                             background=gen.background))
+        return
     from trainer.synthetic import main_generate
 
-    log.info("generating synthetic data into %s", root)
     main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background,
                   gen.albedo_hues)
 
