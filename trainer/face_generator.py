@@ -347,8 +347,9 @@ def _interpolate(attr: torch.Tensor, weights: torch.Tensor, corners: torch.Tenso
 
 def render_faces(model: HeadModel, params: list[dict], cfg: FaceConfig) -> dict[str, torch.Tensor]:
     """Render people given by sample_face. Returns image [B,3,S,S] in [-1,1], depth [B,S,S] (view depth
-    on the face, 1.2 elsewhere), canonical_depth [B,S,S] (frontal, same convention) and the model's
-    light [B,4] and view [B,6]."""
+    on the face, 1.2 elsewhere), canonical_depth [B,S,S] (frontal, same convention), the model's
+    light [B,4] and view [B,6], and the Lambertian shading [B,S,S] with the face's coverage [B,S,S]
+    of each pixel (for tests of the light model)."""
     size, r = cfg.image_size, cfg.render_scale
     tri = torch.from_numpy(model.triangles)
     neutral = torch.from_numpy(model.vertices)
@@ -395,14 +396,17 @@ def render_faces(model: HeadModel, params: list[dict], cfg: FaceConfig) -> dict[
         cover = (face >= 0).float()[:, None]
         background = _backgrounds(params, size * r, cfg.background)
         image = cover * colour + (1 - cover) * background
+        shading = shading[:, None] * cover
         if r > 1:
-            image = F.avg_pool2d(image, r)
+            image, shading, cover = F.avg_pool2d(image, r), F.avg_pool2d(shading, r), F.avg_pool2d(cover, r)
+        shading = shading / cover.clamp_min(1e-6)
     fore = torch.isfinite(depth)
     depth = torch.where(fore, depth.clamp(NEAR_DEPTH, _FAR_FOREGROUND), torch.full_like(depth, _BACKGROUND_DEPTH))
     cfore = torch.isfinite(canon_depth)
     canon_depth = torch.where(cfore, canon_depth.clamp(NEAR_DEPTH, _FAR_FOREGROUND),
                               torch.full_like(canon_depth, _BACKGROUND_DEPTH))
-    return {"image": image * 2 - 1, "depth": depth, "canonical_depth": canon_depth, "light": light, "view": view}
+    return {"image": image * 2 - 1, "depth": depth, "canonical_depth": canon_depth, "light": light, "view": view,
+            "shading": shading[:, 0], "coverage": cover[:, 0]}
 
 
 # ---------------------------------------------------------------------------------------------

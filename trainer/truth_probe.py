@@ -1,0 +1,96 @@
+"""What a checkpoint has learned, against the face generator's truth (<split>/truth.npz).
+
+SIDE and MAD say how close the depth in the input view is; they do not say whether the model reads
+each photo's own pose, light and shape or draws one template. This probe correlates, over the images
+of a split:
+- the predicted yaw, pitch and roll (view net, degrees) with the generator's pose;
+- the predicted light direction x and y (light net, raw) with the generator's;
+- each image's canonical depth departure from the mean canonical depth with the truth's
+  (`depth_departure`): per image, both maps lose their own mean over a common face region, then
+  the split's mean map; the correlation of what is left is averaged over images. 0 means one
+  template for every face; 1 means every face's own shape, up to scale.
+
+Correlations are Pearson's r; a value near 0 is "not learned", a negative one a flipped convention.
+The model's canonical frame is its own: the depth departure compares maps pixel by pixel, so it is
+meaningful only where the learned canonical view is roughly frontal and centred, as the flip
+symmetry makes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.evaluate import load_model
+from trainer.face_generator import read_truth
+from trainer.synface import FAR_DEPTH, SynfaceFolder
+
+# The face region of the depth departure: pixels that are on the face in at least this share of
+# the truth's canonical maps.
+COMMON_REGION_SHARE = 0.95
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def depth_departure_correlation(pred: np.ndarray, truth: np.ndarray, truth_fore: np.ndarray) -> dict:
+    """pred, truth [N, H, W] canonical depths; truth_fore [N, H, W] bool. See the module docstring."""
+    region = truth_fore.mean(0) >= COMMON_REGION_SHARE
+    # Erode by one pixel: silhouettes vary between people and must not count as shape.
+    r = region.copy()
+    r[1:-1, 1:-1] = region[1:-1, 1:-1] & region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
+    region = r
+    if region.sum() < 10:
+        return {"depth_departure": float("nan"), "region_pixels": int(region.sum())}
+    p = pred[:, region].astype(np.float64)
+    t = truth[:, region].astype(np.float64)
+    p -= p.mean(1, keepdims=True)
+    t -= t.mean(1, keepdims=True)
+    p -= p.mean(0, keepdims=True)
+    t -= t.mean(0, keepdims=True)
+    per_image = [pearson(p[i], t[i]) for i in range(p.shape[0])]
+    return {"depth_departure": float(np.nanmean(per_image)), "depth_departure_pooled": pearson(p, t),
+            "region_pixels": int(region.sum())}
+
+
+@torch.no_grad()
+def probe(checkpoint: str, data: str, split: str = "test", device: str = "cpu", batch_size: int = 64) -> dict:
+    """Correlations of a checkpoint's predictions with <data>/<split>/truth.npz (see the module docstring)."""
+    truth = read_truth(data, split)
+    if truth is None:
+        raise FileNotFoundError(f"{Path(data) / split / 'truth.npz'}: no generator truth (made by unsup3d generate "
+                                f"--kind faces)")
+    model, model_config, step = load_model(checkpoint, torch.device(device))
+    index = {str(n): i for i, n in enumerate(truth["names"])}
+    folder = SynfaceFolder(data, split, image_size=model_config.image_size, on_error="raise")
+    rows, views, lights, depths = [], [], [], []
+    for batch in folder.batches(batch_size):
+        out = model.decompose(batch["image"].to(device))
+        n = batch["image"].shape[0]
+        rows.extend(index[name] for name in batch["name"])
+        views.append(out.view.cpu().numpy())
+        lights.append(out.light.cpu().numpy())
+        depths.append(out.canon_depth[:n].cpu().numpy())
+    rows = np.asarray(rows)
+    view, light, depth = np.concatenate(views), np.concatenate(lights), np.concatenate(depths)
+    angle = model_config.max_rotation_degrees
+    pose = truth["pose_degrees"][rows]  # yaw, pitch, roll
+    canon = truth["canonical_depth"][rows].astype(np.float32)
+    result = {
+        "step": step,
+        "images": int(len(rows)),
+        "yaw": pearson(view[:, 1] * angle, pose[:, 0]),
+        "pitch": pearson(view[:, 0] * angle, pose[:, 1]),
+        "roll": pearson(view[:, 2] * angle, pose[:, 2]),
+        "light_x": pearson(light[:, 2], truth["light"][rows, 2]),
+        "light_y": pearson(light[:, 3], truth["light"][rows, 3]),
+        "yaw_spread_ratio": float(np.std(view[:, 1] * angle) / max(np.std(pose[:, 0]), 1e-9)),
+    }
+    result.update(depth_departure_correlation(depth, canon, canon < FAR_DEPTH))
+    return result
