@@ -59,14 +59,20 @@ def depth_departure_correlation(pred: np.ndarray, truth: np.ndarray, truth_fore:
             "region_pixels": int(region.sum())}
 
 
-@torch.no_grad()
 def probe(checkpoint: str, data: str, split: str = "test", device: str = "cpu", batch_size: int = 64) -> dict:
     """Correlations of a checkpoint's predictions with <data>/<split>/truth.npz (see the module docstring)."""
+    model, model_config, step = load_model(checkpoint, torch.device(device))
+    return {"step": step, **probe_model(model, model_config, data, split, device, batch_size)}
+
+
+@torch.no_grad()
+def probe_model(model, model_config, data: str, split: str = "test", device: str = "cpu", batch_size: int = 64) -> dict:
+    """probe() of a model in memory (e.g. an untrained one, for the step-0 line)."""
     truth = read_truth(data, split)
     if truth is None:
         raise FileNotFoundError(f"{Path(data) / split / 'truth.npz'}: no generator truth (made by unsup3d generate "
                                 f"--kind faces)")
-    model, model_config, step = load_model(checkpoint, torch.device(device))
+    model.eval()
     index = {str(n): i for i, n in enumerate(truth["names"])}
     folder = SynfaceFolder(data, split, image_size=model_config.image_size, on_error="raise")
     rows, views, lights, depths = [], [], [], []
@@ -83,7 +89,6 @@ def probe(checkpoint: str, data: str, split: str = "test", device: str = "cpu", 
     pose = truth["pose_degrees"][rows]  # yaw, pitch, roll
     canon = truth["canonical_depth"][rows].astype(np.float32)
     result = {
-        "step": step,
         "images": int(len(rows)),
         "yaw": pearson(view[:, 1] * angle, pose[:, 0]),
         "pitch": pearson(view[:, 0] * angle, pose[:, 1]),
