@@ -94,12 +94,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate
+    from trainer.evaluate import evaluate, evaluate_checkpoints
 
-    report_dir = None if args.no_report else (args.report_dir or "auto")
-    results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                       device=args.device, on_error=args.on_error, report_dir=report_dir,
-                       worst=args.worst)
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be at least 1, got {args.images}")
+    if args.curve and not args.all_checkpoints:
+        raise ValueError("--curve draws the scores of every checkpoint in a folder: add --all-checkpoints")
+    if args.all_checkpoints:
+        results = evaluate_checkpoints(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                       device=args.device, on_error=args.on_error, images=args.images,
+                                       curve=args.curve)
+    else:
+        report_dir = None if args.no_report else (args.report_dir or "auto")
+        results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                           device=args.device, on_error=args.on_error, report_dir=report_dir,
+                           worst=args.worst, images=args.images)
     text = json.dumps(results, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -190,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_new_category_subcommand(sub)
 
     p = sub.add_parser("evaluate", help="SIDE and MAD of a checkpoint on a synface-layout folder, as JSON")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest; "
+                   "every kept one with --all-checkpoints)")
     p.add_argument("--data", required=True, help="folder with <split>/image/*_image.png and <split>/depth/*_depth.png")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=64)
@@ -202,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: <run>/reports/<split>_step_<N> beside the checkpoints folder")
     p.add_argument("--no-report", action="store_true", help="JSON only, no report")
     p.add_argument("--worst", type=int, default=8, help="worst images (by SIDE) drawn as panels in the report")
+    p.add_argument("--images", type=int, help="evaluate only N pairs of the split, evenly spaced by name (the "
+                   "choice train.eval_images makes during training); default: all")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="score every checkpoint kept in the --checkpoint folder (oldest first, no reports) and draw "
+                   "their learning curve: a PNG and a JSON of every point beside it")
+    p.add_argument("--curve", help="with --all-checkpoints: the PNG to write (default "
+                   "<run>/reports/<split>_learning_curve.png; the JSON gets the same name with .json)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="reconstructions, relighting, novel views, textured meshes and GIFs of photos")

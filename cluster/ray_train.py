@@ -96,6 +96,8 @@ def resolve_paths(config) -> None:
         config.train.out_dir = str(Path(config.train.out_dir).resolve())
     if config.data.root and "://" not in config.data.root:
         config.data.root = str(Path(config.data.root).resolve())
+    if config.train.eval_data:
+        config.train.eval_data = str(Path(config.train.eval_data).resolve())
     stream = getattr(config, "stream", None)
     if stream is not None and "://" not in stream.shards:
         stream.shards = str(Path(stream.shards).resolve())

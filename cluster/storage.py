@@ -6,14 +6,16 @@
   staging directory, <UNSUP3D_STAGING_DIR (default /tmp/unsup3d-staging)>/<hash of out_dir>/node-<Ray node
   id>, a cache of S3:
   - before training, the lowest rank of each node downloads S3's latest checkpoint (every rank's files)
-    and config.yaml/metrics.jsonl into it (anything else cached there is dropped); then all ranks wait;
+    and config.yaml/metrics.jsonl/learning_curve.png into it (anything else cached there is dropped);
+    then all ranks wait;
   - at every checkpoint (trainer/checkpoint.py: one leader finishes each directory), each node's leader
     uploads the files of its step directory (its ranks' DeepSpeed files, state.pt, rank 0's model.pt;
     they merge under one prefix because ranks write different names), all ranks wait, then rank 0
-    alone uploads config.yaml/metrics.jsonl, writes S3's `latest` and prunes. So S3's `latest` only
-    ever names a checkpoint whose every rank's files are uploaded; a run killed at any moment resumes
-    from the last one published. Uploads are synchronous (checkpoints are infrequent) and retried on
-    transient errors; one that still fails fails the worker, and Ray Train restarts the run from S3.
+    alone uploads config.yaml/metrics.jsonl/learning_curve.png (the last when validation drew it),
+    writes S3's `latest` and prunes. So S3's `latest` only ever names a checkpoint whose every rank's
+    files are uploaded; a run killed at any moment resumes from the last one published. Uploads are
+    synchronous (checkpoints are infrequent) and retried on transient errors; one that still fails
+    fails the worker, and Ray Train restarts the run from S3.
   - S3 keeps the newest train.keep_checkpoints checkpoints up to `latest`; step folders after `latest`
     are leftovers of a save killed mid-upload and are deleted.
   - A rollback after non-finite steps reads the local copy, which on several nodes holds only this
@@ -56,7 +58,7 @@ def staging_dir_for(out_dir: str, node_id: str) -> Path:
 class S3Mirror:
     """An s3:// out_dir and one node's staging copy of it; the SaveHook of trainer/checkpoint.py."""
 
-    TOP_FILES = ("config.yaml", "metrics.jsonl")
+    TOP_FILES = ("config.yaml", "metrics.jsonl", "learning_curve.png")  # each only if it exists
 
     def __init__(self, url: str, local: Path, keep: int):
         from data_pipeline.config import RetryConfig

@@ -29,6 +29,15 @@ Metric names (prefix unsup3d_):
   worker_start_timestamp_seconds                       gauge
   gpu_utilization_ratio, gpu_memory_used_bytes,
   gpu_memory_total_bytes, gpu_memory_peak_bytes        gauges, only when a GPU is present
+  validation_side{method}                              gauge: SIDE x1e-2 (mean over the validation
+                                                       images) of method model, constant_depth or
+                                                       average_train_depth (the baselines: set once)
+  validation_mad_degrees{method, normals}              gauge: MAD in degrees, normals "reference"
+                                                       (n/(|n|+1e-7), the paper's) or "exact"
+  validation_step, validation_seconds,
+  validation_images                                    gauges: step and duration of the last
+                                                       validation, images in the validation set
+  (validation series exist only on a worker that validates: rank 0 with train.eval_every set)
 """
 
 from __future__ import annotations
@@ -97,6 +106,13 @@ class TrainingMetrics:
         self.gpu_memory_used = g("gpu_memory_used_bytes", "GPU memory allocated by this process", lazy=True)
         self.gpu_memory_peak = g("gpu_memory_peak_bytes", "Peak GPU memory allocated by this process", lazy=True)
         self.gpu_memory_total = g("gpu_memory_total_bytes", "GPU memory of the device", lazy=True)
+        self._validation_side = g("validation_side", "Validation SIDE x1e-2 (mean over images) of the model "
+                                  "and of the baselines constant_depth and average_train_depth", ("method",))
+        self._validation_mad = g("validation_mad_degrees", "Validation MAD in degrees (mean over images); normals "
+                                 "'reference' (n/(|n|+1e-7), the paper's) or 'exact'", ("method", "normals"))
+        self.validation_step = g("validation_step", "Step of the last validation of the model", lazy=True)
+        self.validation_seconds = g("validation_seconds", "Duration of the last validation of the model", lazy=True)
+        self.validation_images = g("validation_images", "Images in the validation set", lazy=True)
         now = time.time()
         self.start_time.set(now)
         self.checkpoint_time.set(now)
@@ -183,6 +199,19 @@ class TrainingMetrics:
                              (self.gpu_memory_total, memory_total), (self.gpu_memory_peak, memory_peak)):
             if value is not None:
                 gauge.set(value)
+
+    def record_validation(self, method: str, side: float, mad_reference: float, mad_exact: float,
+                          step: int | None = None, seconds: float | None = None) -> None:
+        """Validation scores of `method` ("model", "constant_depth", "average_train_depth"): SIDE x1e-2
+        and MAD in degrees with the reference's and exact normal normalisation; for the model also the
+        step and how long the validation took."""
+        self._validation_side.labels(**self.labels, method=method).set(side)
+        self._validation_mad.labels(**self.labels, method=method, normals="reference").set(mad_reference)
+        self._validation_mad.labels(**self.labels, method=method, normals="exact").set(mad_exact)
+        if step is not None:
+            self.validation_step.set(step)
+        if seconds is not None:
+            self.validation_seconds.set(seconds)
 
     def family(self, name: str):
         """The metric family by its name without prefix (e.g. "train_loss"), for labels of one's own."""

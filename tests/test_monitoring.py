@@ -51,6 +51,17 @@ def test_gpu_and_mfu_series_are_absent_until_recorded():
     assert m.value("gpu_utilization_ratio") == 0.5 and m.value("gpu_memory_total_bytes") == 100.0
 
 
+def test_validation_series_appear_once_recorded_with_method_and_normals():
+    m = TrainingMetrics("r", "c", 0)
+    assert m.value("validation_side", method="model") is None and m.value("validation_step") is None
+    m.record_validation("constant_depth", 1.7, 44.8, 44.3)
+    m.record_validation("model", 1.2, 28.0, 25.0, step=100, seconds=2.5)
+    assert m.value("validation_side", method="model") == 1.2
+    assert m.value("validation_mad_degrees", method="model", normals="reference") == 28.0
+    assert m.value("validation_mad_degrees", method="constant_depth", normals="exact") == 44.3
+    assert m.value("validation_step") == 100 and m.value("validation_seconds") == 2.5
+
+
 def test_peak_flops_table_and_override():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops(None) is None and peak_flops("Some CPU") is None

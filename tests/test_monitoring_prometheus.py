@@ -162,7 +162,7 @@ def test_dashboard_has_the_structure_grafana_imports():
         for target in panel["targets"]:
             assert target["refId"] and target["expr"], panel["title"]
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("fleet", "images/s", "loss", "data", "gpu", "checkpoint", "mfu", "restart"):
+    for topic in ("fleet", "images/s", "loss", "data", "gpu", "checkpoint", "mfu", "restart", "validation"):
         assert topic in titles, topic
 
 
@@ -192,6 +192,7 @@ def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, 
         config.monitoring.sd_dir = str(prometheus.sd_dir)
         config.monitoring.run_name = "healthy"
         config.monitoring.peak_tflops = 1.0  # a CPU has no datasheet peak: configured, to show MFU
+        config.train.eval_every = 10  # validation series (the val split of synthetic_root has depth)
         outcome: dict = {}
         runner = threading.Thread(target=lambda: outcome.update(result=train(config)), daemon=True)
         runner.start()
@@ -203,12 +204,17 @@ def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, 
         healthy = {}
         for name in ("unsup3d_train_step", "unsup3d_train_images_total", "unsup3d_train_loss",
                      "unsup3d_train_section_seconds_total", "unsup3d_train_mfu_ratio", "unsup3d_train_flops_per_image",
-                     "unsup3d_checkpoint_save_seconds", "unsup3d_checkpoint_size_bytes", "unsup3d_train_learning_rate"):
+                     "unsup3d_checkpoint_save_seconds", "unsup3d_checkpoint_size_bytes", "unsup3d_train_learning_rate",
+                     "unsup3d_validation_side", "unsup3d_validation_mad_degrees", "unsup3d_validation_step"):
             healthy[name] = prometheus.query(f'{name}{{run="healthy",category="synthetic",rank="0"}}', at)
             assert healthy[name], name
         sections = {s["metric"]["section"] for s in healthy["unsup3d_train_section_seconds_total"]}
         assert {"data_wait", "forward", "nets_forward", "render", "loss", "perceptual_forward", "backward", "optimizer"} <= sections
         assert float(healthy["unsup3d_checkpoint_size_bytes"][0]["value"][1]) > 0
+        assert {s["metric"]["method"] for s in healthy["unsup3d_validation_side"]} == {
+            "model", "constant_depth", "average_train_depth"}
+        assert {(s["metric"]["method"], s["metric"]["normals"]) for s in healthy["unsup3d_validation_mad_degrees"]} == {
+            (m, n) for m in ("model", "constant_depth", "average_train_depth") for n in ("reference", "exact")}
         assert prometheus.query('rate(unsup3d_train_images_total{run="healthy"}[1m]) > 0', at)
         up = prometheus.query('up{job="unsup3d"}', at)
         assert {s["metric"]["run"]: s["value"][1] for s in up}["healthy"] == "1"

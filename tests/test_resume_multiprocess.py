@@ -25,7 +25,7 @@ STEPS = 12  # 96 images / (8 x 2 ranks) = 6 steps per epoch: the runs cross an e
 CHECKPOINT_EVERY = 3
 
 
-def write_config(tmp_path: Path, root: Path, name: str) -> Path:
+def write_config(tmp_path: Path, root: Path, name: str, eval_every: int = 0) -> Path:
     config = {
         "model": {"depth_nf": 8, "depth_zdim": 16, "albedo_nf": 8, "albedo_zdim": 16, "light_nf": 8, "view_nf": 8,
                   "conf_nf": 8, "conf_zdim": 16},
@@ -34,7 +34,8 @@ def write_config(tmp_path: Path, root: Path, name: str) -> Path:
         "optimizer": {"lr": 1e-3},
         "data": {"root": str(root), "batch_size": 8},
         "train": {"out_dir": str(tmp_path / name), "max_steps": STEPS, "log_every": 1,
-                  "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 2, "device": "cpu"},
+                  "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 2, "device": "cpu",
+                  "eval_every": eval_every, "eval_images": 4},
         "engine": {"zero_stage": 2},
     }
     path = tmp_path / f"{name}.yaml"
@@ -109,8 +110,10 @@ def straight(synthetic_root, tmp_path_factory):
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(straight, synthetic_root, tmp_path):
+    """This run also validates every 2 steps (rank 0 only), the straight one does not: validation
+    leaves the weights and data positions of every rank alone, across a kill and a resume too."""
     kill_at = random.Random().randint(CHECKPOINT_EVERY + 1, STEPS - 2)
-    config = write_config(tmp_path, synthetic_root, "run")
+    config = write_config(tmp_path, synthetic_root, "run", eval_every=2)
     procs = launch(config, tmp_path / "logs")
     try:
         deadline = time.monotonic() + 240
@@ -128,6 +131,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(straight, synthet
     assert wait_all(procs) == [0, 0], logs(tmp_path / "logs")
     assert "resumed from" in logs(tmp_path / "logs"), f"kill_at {kill_at}"
     assert_identical(straight, final_weights(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records if r.get("kind") == "validation"} == {0, *range(2, STEPS + 1, 2)}
+    by_rank = {rank: "\n".join(p.read_text() for p in (tmp_path / "logs").glob(f"rank{rank}.*.log"))
+               for rank in range(WORLD)}
+    assert "validation step" in by_rank[0] and "trainer.validation" not in by_rank[1]
+    assert (tmp_path / "run" / "learning_curve.png").is_file()
 
 
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(straight, synthetic_root, tmp_path):

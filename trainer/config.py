@@ -173,6 +173,14 @@ class DataConfig:
     """When set and root does not exist, generate synthetic data there first."""
 
 
+def check_eval_settings(eval_every: int | None, eval_images: int) -> None:
+    """train.eval_every: null or >= 0 (0 and null: off); train.eval_images >= 1 (ValueError otherwise)."""
+    if eval_every is not None and (isinstance(eval_every, bool) or eval_every < 0):
+        raise ValueError(f"eval_every must be 0 (off), null (off) or a positive number of steps, got {eval_every!r}")
+    if isinstance(eval_images, bool) or eval_images < 1:
+        raise ValueError(f"eval_images must be at least 1, got {eval_images!r}")
+
+
 @dataclass
 class TrainConfig:
     """Length, logging and checkpointing of a run."""
@@ -196,6 +204,19 @@ class TrainConfig:
     steps (0: never)."""
     visualize_count: int = 8
     """Images in that grid: the first of data.root's val split (else train), or of the first batch."""
+    eval_every: int | None = 0
+    """Validate every this many steps, at the start of a run from step 0 (the untrained model) and at
+    its end: SIDE and MAD of the model on a fixed subset of a split with ground-truth depth, beside
+    the constant-depth and average-train-depth baselines (computed once), into metrics.jsonl, the
+    Prometheus metrics, the log and <out_dir>/learning_curve.png (trainer/validation.py). Rank 0
+    only; exact resume is unaffected. 0 or null: off. Off (logged once) without such a split."""
+    eval_images: int = 200
+    """Images of that subset: evenly spaced over the split's pairs sorted by name, the same every time."""
+    eval_split: str | None = None
+    """Split to validate on (<root>/<split>/image and <split>/depth); null: 'val', else 'test'."""
+    eval_data: str | None = None
+    """Synface-layout folder to validate on; null: data.root when the run trains from that folder
+    (a run that streams shards validates only when this is set)."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'."""
     autocast_dtype: str = "none"
@@ -207,6 +228,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.autocast_dtype not in ("none", "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be none, bf16 or fp16, got {self.autocast_dtype!r}")
+        check_eval_settings(self.eval_every, self.eval_images)
 
 
 @dataclass

@@ -5,6 +5,10 @@ pixelwise average ground-truth depth of the training split.
 Besides the JSON-ready summary, evaluation keeps every image's values (PerImage) and the inputs,
 renders and errors of the images the model does worst on (by SIDE), from which trainer.report
 writes a human report (report.md, error histograms, worst cases as panels).
+
+evaluate_checkpoints scores every checkpoint kept in a run's checkpoints folder on the same images
+and draws their learning curve (trainer/learning_curve.py, shared with the training loop's
+validation in trainer/validation.py, which uses depth_metrics and fixed_subset from here too).
 """
 
 from __future__ import annotations
@@ -55,17 +59,53 @@ def average_training_depth(data_dir: Path, image_size: int, on_error: str) -> to
     return total / count if count else None
 
 
-def _metric_block(side: list[torch.Tensor], mad_ref: list[torch.Tensor], mad_exact: list[torch.Tensor]) -> dict:
-    side_all = torch.cat(side) * 100  # reported x1e-2
-    return {
-        "side_x1e-2": summarize(side_all),
-        "mad_deg_reference": summarize(torch.cat(mad_ref)),
-        "mad_deg_exact": summarize(torch.cat(mad_exact)),
-    }
-
-
 METHODS = ("model", "constant_depth", "average_train_depth")
 METRICS = ("side_x1e-2", "mad_deg_reference", "mad_deg_exact")
+
+
+def depth_metrics(depth: torch.Tensor, recon_mask: torch.Tensor, gt: torch.Tensor,
+                  K: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({metric: per-image values [B] on the CPU, in reported units (SIDE x1e-2, MAD degrees)}, the mask).
+
+    depth: the prediction in the input view [B, S, S]; recon_mask: where it is rendered (all ones for
+    the baselines); gt: ground-truth depth (float64). The one place both evaluate and the training
+    loop's validation (trainer/validation.py) compute SIDE and the two MADs, so their numbers agree.
+    """
+    mask = evaluation_mask(recon_mask, gt)
+    K = K.to(gt)
+    values = {
+        "side_x1e-2": side_error(depth, gt, mask).cpu() * 100,  # reported x1e-2
+        "mad_deg_reference": mad_error(depth, gt, mask, K, eps=REFERENCE_EPS).cpu(),
+        "mad_deg_exact": mad_error(depth, gt, mask, K, eps=None).cpu(),
+    }
+    return values, mask
+
+
+def baseline_predictions(gt: torch.Tensor, average_depth: torch.Tensor | None) -> dict[str, tuple]:
+    """{method: (depth, recon mask)} of the two baselines for ground truth gt [B, S, S]: a constant
+    depth map, and the average training depth (absent when there is none); both cover the image."""
+    full = torch.ones_like(gt)
+    predictions = {"constant_depth": (torch.ones_like(gt), full)}
+    if average_depth is not None:
+        predictions["average_train_depth"] = (average_depth.to(gt).expand_as(gt), full)
+    return predictions
+
+
+def metric_block(values: dict[str, list[torch.Tensor]]) -> dict:
+    """{metric: summarize(...)} of per-image values collected batch by batch (reported units)."""
+    return {metric: summarize(torch.cat(values[metric])) for metric in METRICS}
+
+
+def fixed_subset(total: int, count: int | None) -> list[int]:
+    """`count` indices evenly spaced over range(total) (all of them when count is None or >= total).
+
+    Deterministic and without randomness: the same images every time, spread over a split sorted by
+    name (so a split whose names group similar images is still sampled across)."""
+    if count is None or count >= total:
+        return list(range(total))
+    if count < 1:
+        raise ValueError(f"the number of images must be at least 1, got {count}")
+    return [i * total // count for i in range(count)]
 
 
 @dataclass
@@ -129,24 +169,40 @@ def default_report_dir(checkpoint: str | Path, split: str, step: int) -> Path:
     return run / "reports" / f"{split}_step_{step:08d}"
 
 
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @torch.no_grad()
 def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
-                      on_error: str = "skip", worst: int = 8) -> tuple[dict, PerImage, list[WorstCase]]:
-    """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE)."""
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+                      on_error: str = "skip", worst: int = 8, images: int | None = None,
+                      average_depths: dict | None = None) -> tuple[dict, PerImage, list[WorstCase]]:
+    """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE).
+
+    images: evaluate only that many of the split's pairs, evenly spaced by name (fixed_subset: the
+    same choice as the training loop's validation); None: all. average_depths: a cache {image size:
+    average training depth or None} filled here when the size is missing, so that scoring several
+    checkpoints reads the training split once.
+    """
+    torch_device = resolve_device(device)
     model, model_config, step = load_model(checkpoint, torch_device)
     size = model_config.image_size
     data_dir = Path(data)
     folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error)
     if len(folder) == 0:
         raise ValueError(f"{data_dir / split} holds no image/depth pairs")
+    available = len(folder)
+    folder.select(fixed_subset(available, images))
     K = intrinsics(size, dtype=torch.float64)
-    average_depth = average_training_depth(data_dir, size, on_error)
+    average_depths = {} if average_depths is None else average_depths
+    if size not in average_depths:
+        average_depths[size] = average_training_depth(data_dir, size, on_error)
+    average_depth = average_depths[size]
 
     names = METHODS
-    side = {n: [] for n in names}
-    mad_ref = {n: [] for n in names}
-    mad_exact = {n: [] for n in names}
+    collected = {n: {metric: [] for metric in METRICS} for n in names}
     per_image = PerImage()
     worst_cases = _WorstCases(worst)
     count = 0
@@ -157,27 +213,17 @@ def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_siz
         b = image.shape[0]
         pred = out.view_depth[:b].double()
         predictions = {"model": (pred, model.renderer.recon_mask(out.view_depth[:b]))}
-        full = torch.ones_like(gt)
-        predictions["constant_depth"] = (torch.ones_like(gt), full)
-        if average_depth is not None:
-            predictions["average_train_depth"] = (average_depth.to(gt).expand_as(gt), full)
+        predictions.update(baseline_predictions(gt, average_depth))
         per_image.names += batch["name"]
         for name, (depth, recon_mask) in predictions.items():
-            mask = evaluation_mask(recon_mask, gt)
-            values = {
-                "side_x1e-2": side_error(depth, gt, mask).cpu(),
-                "mad_deg_reference": mad_error(depth, gt, mask, K.to(gt), eps=REFERENCE_EPS).cpu(),
-                "mad_deg_exact": mad_error(depth, gt, mask, K.to(gt), eps=None).cpu(),
-            }
-            side[name].append(values["side_x1e-2"])
-            mad_ref[name].append(values["mad_deg_reference"])
-            mad_exact[name].append(values["mad_deg_exact"])
+            values, mask = depth_metrics(depth, recon_mask, gt, K)
             for metric, v in values.items():
-                per_image.values[name][metric] += (v * 100 if metric == "side_x1e-2" else v).tolist()
+                collected[name][metric].append(v)
+                per_image.values[name][metric] += v.tolist()
             if name == "model" and worst > 0:
                 angles = normal_angles(depth, gt, K.to(gt), eps=None)
                 recon = _reconstruction(model, out, b)
-                worst_cases.offer(batch["name"], values["side_x1e-2"] * 100, values["mad_deg_exact"], image, recon,
+                worst_cases.offer(batch["name"], values["side_x1e-2"], values["mad_deg_exact"], image, recon,
                                   depth, gt, mask, angles)
         count += b
 
@@ -194,9 +240,11 @@ def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_siz
             "mad_deg_exact": "the same with exactly normalised normals",
         },
     }
+    if images is not None and images < available:
+        results["subset"] = f"{count} of {available} pairs, evenly spaced by name"
     for name in names:
-        if side[name]:
-            results[name] = _metric_block(side[name], mad_ref[name], mad_exact[name])
+        if collected[name]["side_x1e-2"]:
+            results[name] = metric_block(collected[name])
     if average_depth is None:
         results["average_train_depth"] = f"not computed: {data_dir / 'train'} does not exist"
         del per_image.values["average_train_depth"]
@@ -211,14 +259,16 @@ def _reconstruction(model, out, batch: int) -> torch.Tensor:
 
 
 def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
-             on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8) -> dict:
+             on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8,
+             images: int | None = None) -> dict:
     """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops.
 
     report_dir: also write the human report there (trainer.report; "auto" = default_report_dir);
     the dict then names report.md under "report". worst: how many worst images the report draws.
+    images: only that many pairs, evenly spaced by name (fixed_subset); None: the whole split.
     """
     results, per_image, worst_cases = evaluate_detailed(checkpoint, data, split, batch_size, device, on_error,
-                                                        worst if report_dir is not None else 0)
+                                                        worst if report_dir is not None else 0, images=images)
     if report_dir is not None:
         from trainer.report import write_report
 
@@ -226,3 +276,65 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
             report_dir = default_report_dir(checkpoint, split, results["step"])
         results["report"] = str(write_report(results, per_image, report_dir, worst_cases))
     return results
+
+
+def checkpoints_in(folder: str | Path) -> list[Path]:
+    """Every checkpoint kept in a run's checkpoints folder (or the run folder holding one), oldest
+    first: the step_N directories trainer/checkpoint.py writes, and single-file step_N.pt of earlier versions."""
+    from trainer.checkpoint import STATE_FILE, CheckpointManager
+
+    folder = Path(folder)
+    if (folder / STATE_FILE).is_file() or folder.is_file():
+        raise CheckpointError(f"{folder} is one checkpoint; --all-checkpoints takes the folder that holds them "
+                              f"({folder.parent})")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoints folder {folder} does not exist")
+    if (folder / "checkpoints").is_dir() and not any(folder.glob("step_*")):
+        folder = folder / "checkpoints"
+    manager = CheckpointManager(folder)
+    found = manager.checkpoints() + manager.legacy_checkpoints()
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {folder}")
+    return sorted(found, key=lambda p: int(p.name.split("_")[1].split(".")[0]))
+
+
+def default_curve_path(folder: str | Path, split: str) -> Path:
+    """<run>/reports/<split>_learning_curve.png, beside the checkpoints folder."""
+    folder = Path(folder)
+    run = folder.parent if folder.name == "checkpoints" else folder
+    return run / "reports" / f"{split}_learning_curve.png"
+
+
+def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
+                         on_error: str = "skip", images: int | None = None, curve: str | Path | None = None) -> dict:
+    """Evaluate every checkpoint kept in `folder` on the same images, oldest first, and draw the
+    learning curve (trainer/learning_curve.py) of their scores against the step.
+
+    Writes the PNG to `curve` (default_curve_path when None) and, beside it, a JSON of every point
+    (the same name with .json). Returns that JSON's dict: "points" (step and the model's means),
+    "baselines" (computed once: they do not depend on the model), "evaluations" (each checkpoint's
+    evaluate() dict), "curve" and "json" (the files written). No per-checkpoint report is written.
+    """
+    import json
+
+    from trainer.learning_curve import curve_from_evaluations, plot_learning_curve
+
+    paths = checkpoints_in(folder)
+    averages: dict = {}  # average training depth by image size, read once
+    evaluations = []
+    for path in paths:
+        results, _, _ = evaluate_detailed(str(path), data, split, batch_size, device, on_error, worst=0, images=images,
+                                          average_depths=averages)
+        log.info("%s: step %d SIDE %.4f x1e-2, MAD %.2f deg exact / %.2f reference", path.name, results["step"],
+                 results["model"]["side_x1e-2"]["mean"], results["model"]["mad_deg_exact"]["mean"],
+                 results["model"]["mad_deg_reference"]["mean"])
+        evaluations.append(results)
+    learning_curve = curve_from_evaluations(evaluations)
+    png = Path(curve) if curve is not None else default_curve_path(paths[0].parent, split)
+    out = {"checkpoints": str(paths[0].parent), "data": str(data), "split": split,
+           "images": evaluations[0]["images"], "points": learning_curve.points, "baselines": learning_curve.baselines,
+           "curve": str(png), "json": str(png.with_suffix(".json")), "evaluations": evaluations}
+    plot_learning_curve(learning_curve, png)
+    png.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+

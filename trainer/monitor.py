@@ -1,9 +1,10 @@
 """The training loop's side of monitoring: what the Trainer records into monitoring/ and when.
 
 The Trainer holds one TrainMonitor (self.monitor) and calls it from run(), train_step(), save() and
-rollback(); everything here is a no-op when monitoring.enabled is false (the progress bar has its
-own switch). The step-time breakdown uses a SectionTimer that exists only when metrics are enabled
-(on CUDA it synchronises at section edges, which costs a little throughput).
+rollback(), and its Validator (trainer/validation.py) with validation scores; everything here is a
+no-op when monitoring.enabled is false (the progress bar has its own switch). The step-time
+breakdown uses a SectionTimer that exists only when metrics are enabled (on CUDA it synchronises at
+section edges, which costs a little throughput).
 
 Data-pipeline numbers (skipped samples by reason, prefetch queue depth) are read from the batch
 source without importing data_pipeline: a source may offer monitoring_stats() -> {"skipped":
@@ -172,6 +173,28 @@ class TrainMonitor:
             free, total = torch.cuda.mem_get_info(self.device)
             self.metrics.record_gpu(utilization, torch.cuda.memory_allocated(self.device), total,
                                     torch.cuda.max_memory_allocated(self.device))
+
+    def pause(self, seconds: float) -> None:
+        """Time spent between steps on something else (validation) is not part of the next step's time."""
+        self._step_started += seconds
+
+    def validation_baselines(self, record: dict, images: int) -> None:
+        """The baselines of validation (a "validation_baselines" record of trainer/validation.py)."""
+        if self.metrics is None:
+            return
+        self.metrics.validation_images.set(images)
+        for method in ("constant_depth", "average_train_depth"):
+            block = record.get(method)
+            if isinstance(block, dict):
+                self.metrics.record_validation(method, block["side_x1e-2"]["mean"], block["mad_deg_reference"]["mean"],
+                                               block["mad_deg_exact"]["mean"])
+
+    def validated(self, step: int, block: dict, seconds: float) -> None:
+        """The model's validation scores at `step` (a metric block of trainer/evaluate.py)."""
+        if self.metrics is None:
+            return
+        self.metrics.record_validation("model", block["side_x1e-2"]["mean"], block["mad_deg_reference"]["mean"],
+                                       block["mad_deg_exact"]["mean"], step=step, seconds=seconds)
 
     def saved(self, seconds: float, path: Path) -> None:
         if self.metrics is not None and self.group.is_main:

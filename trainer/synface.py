@@ -220,6 +220,10 @@ class SynfaceFolder:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def select(self, indices) -> None:
+        """Keep only the pairs at these indices, in this order (e.g. evaluate.fixed_subset)."""
+        self.pairs = [self.pairs[i] for i in indices]
+
     def __getitem__(self, i: int) -> dict:
         name, image_path, depth_path = self.pairs[i]
         item = {"name": name, "image": load_image(image_path, self.image_size)}

@@ -8,7 +8,8 @@ was never interrupted. A step whose loss or gradients are not finite is skipped 
 after engine.max_nonfinite_steps in a row the run rolls back to the last checkpoint.
 
 The loop runs on whatever process group it finds (torchrun, the DeepSpeed launcher, Ray Train) or a
-local world of one; metrics and logs come from rank 0.
+local world of one; metrics and logs come from rank 0, and so does validation (SIDE and MAD on a
+fixed subset of a split with depth every train.eval_every steps, trainer/validation.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from trainer.folder_data import FolderBatches
 from trainer.model import Unsup3DLoss
 from trainer.monitor import TrainMonitor
 from trainer.perceptual import build_perceptual_net
+from trainer.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ class Trainer:
         if perceptual is not None:
             perceptual = perceptual.to(self.device)
         self.criterion = Unsup3DLoss(config.loss, perceptual, config.model)
+        trains_from_root = data is None  # else the caller streams it (shards): validation needs train.eval_data
         if data is None:
             if self.group.is_main:
                 prepare_data(config)
@@ -175,6 +178,9 @@ class Trainer:
         # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/monitor.py.
         self.monitor = TrainMonitor(config, self.group, self.device, self.total_steps, self.out_dir)
         self.timer = self.monitor.timer
+        # SIDE and MAD on a fixed validation subset every train.eval_every steps (rank 0): trainer/validation.py.
+        self.validator = Validator(config, self.out_dir, self.group.is_main, trains_from_root, self.record,
+                                   self.monitor)
         if self.timer.enabled:  # the engine calls module.forward -> decompose(image): hand it the timer
             module = self.engine.module
             module.decompose = lambda image, timer=self.timer: type(module).decompose(module, image, timer)
@@ -299,13 +305,14 @@ class Trainer:
         if self.group.is_main:
             self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
         cfg = self.config.train
-        self.monitor.start(self.step, latest, cfg.log_every)
         self.engine.module.train()
         losses: dict = {}
-        window_start, window_images = time.perf_counter(), 0
         images_per_second = 0.0
         saved: Path | None = latest
         try:
+            self.validator.start(self.engine.module, self.step)  # scores the untrained model at step 0
+            self.monitor.start(self.step, latest, cfg.log_every)
+            window_start, window_images = time.perf_counter(), 0
             while self.step < self.total_steps:
                 terms, images, skipped = self.train_step()
                 self.step += 1
@@ -339,6 +346,11 @@ class Trainer:
                                  self.data.epoch, losses["total"],
                                  " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total"), images_per_second)
                     window_start, window_images = time.perf_counter(), 0
+                # Before the save: a run killed between the two redoes this point instead of losing it.
+                if self.validator.due(self.step, self.total_steps):
+                    spent = self.validator.validate(self.engine.module, self.step)
+                    window_start += spent  # validation is not training time (images/s, step time)
+                    self.monitor.pause(spent)
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     saved = self.save()
                 if cfg.visualize_every and self.step % cfg.visualize_every == 0 and self.group.is_main:
@@ -346,6 +358,7 @@ class Trainer:
             if saved is None or saved.name != self.checkpoints.path_for(self.step).name:
                 saved = self.save()
         finally:
+            self.validator.close()
             self.monitor.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
