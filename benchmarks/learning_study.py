@@ -20,11 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.checkpoint import CheckpointManager  # noqa: E402
-from trainer.config import dump_config, load_run_config  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.config_loading import from_dict  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
 from trainer.model import Unsup3D  # noqa: E402
 from trainer.train import seed_everything  # noqa: E402
@@ -41,22 +42,21 @@ PANELS = (
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    manager = CheckpointManager(run / "checkpoints")
     found = []
     for path in sorted((run / "checkpoints").glob("step_*")):
         if path.is_dir() and not path.name.startswith("."):
             found.append((int(path.name.split("_")[1]), path))
-    del manager
     return found
 
 
 def untrained_checkpoint(run: Path, folder: Path) -> Path:
     """A single-file checkpoint of the run's model, freshly initialised with the run's seed."""
-    config = load_run_config(run / "config.yaml")
-    seed_everything(config.train.seed)
-    model = Unsup3D(config.model)
+    text = (run / "config.yaml").read_text()
+    config = yaml.safe_load(text)  # the saved config may hold other packages' sections: read two
+    seed_everything(int(config.get("train", {}).get("seed", 0)))
+    model = Unsup3D(from_dict(ModelConfig, config["model"], "model"))
     path = folder / f"{run.name}-step0.pt"
-    torch.save({"step": 0, "model": model.state_dict(), "config_yaml": dump_config(config)}, path)
+    torch.save({"step": 0, "model": model.state_dict(), "config_yaml": text}, path)
     return path
 
 
