@@ -137,8 +137,9 @@ if want train; then
     "${DRIVER[@]}" data --work "$WORK" --name main --kind "$DATA_KIND" --num-train 10000 --num-val 100 --num-test 500 \
       > "$WORK/logs/data_main.out" 2>&1 &
     BACKGROUND+=($!)
-    # a smaller set as a fallback, should the main one (or a slow realistic generator) not be done in time
-    "${DRIVER[@]}" data --work "$WORK" --name small --kind "$DATA_KIND" --num-train 2000 --num-val 50 --num-test 300 --seed 1 \
+    # a smaller set of the original generator as a fallback, should the main one (or a slow
+    # realistic generator) not be done in time
+    "${DRIVER[@]}" data --work "$WORK" --name small --kind synthetic --num-train 2000 --num-val 50 --num-test 300 --seed 1 \
       > "$WORK/logs/data_small.out" 2>&1 &
     BACKGROUND+=($!)
   fi

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,7 @@ def _optimizer_tensors(engine) -> dict:
     out = {}
     for g, group in enumerate(optimizer.param_groups):
         for p, param in enumerate(group["params"]):
+            out[f"{g}.{p}.param"] = param.detach().cpu().clone()  # the fp32 master under DeepSpeed's bf16 wrapper
             for name, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value):
                     out[f"{g}.{p}.{name}"] = value.detach().cpu().clone()
@@ -226,6 +229,23 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@contextmanager
+def _deterministic():
+    """cuDNN and torch in deterministic mode (warn_only: ops with no deterministic version warn, and the
+    warnings are yielded); gpu_check sets CUBLAS_WORKSPACE_CONFIG, which cuBLAS needs for it."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
 RESUME_MODES = [("fp32", "autocast")] if STAND_IN else [("fp32", "autocast"), ("bf16", "deepspeed")]
 
 
@@ -235,10 +255,11 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
     and the data position are bit-identical to the saving run's. Then it trains 3 more steps, and
     its weights must equal those of a run of 6 steps that was never interrupted.
 
-    cuDNN runs deterministically here. If the two still differ, a third, uninterrupted run tells a
-    broken resume (it equals the first) from GPU nondeterminism (it differs too: atomic adds in
-    grid_sample's and the rasterizer's backward); the latter is recorded and then allowed, as long
-    as the restored state itself was exact.
+    Deterministic algorithms are switched on here (warn_only: ops that have none, such as
+    grid_sample's backward on CUDA, warn and are recorded). If the two runs still differ, a third,
+    uninterrupted run tells a broken resume (it equals the first) from GPU nondeterminism (it
+    differs too: atomic adds in a backward); the latter is recorded and then allowed, as long as the
+    restored state itself was exact.
     """
     from trainer.train import Trainer, train
 
@@ -250,9 +271,7 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
     def finish(trainer):
         trainer.engine.engine.destroy()
 
-    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
+    with _deterministic() as seen:
         first = Trainer(config_for("resumed", 3))
         try:
             first.run()
@@ -284,9 +303,8 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
             again = load_checkpoint(tmp_path / "straight_again" / "checkpoints")["model"]
             result["straight_runs_identical"] = not _equal_tensors(straight, again)
             result["max_diff_straight_vs_straight"] = _max_diff(straight, again)
-        record(f"resume_{precision}_{mode}", result)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
+    result["nondeterministic_ops_warned"] = sorted({str(w.message)[:160] for w in seen if "deterministic" in str(w.message)})[:8]
+    record(f"resume_{precision}_{mode}", result)
     assert not any(mismatched.values()), result
     assert data_equal, result
     assert saved["optimizer"], "the snapshot should hold Adam's moments"
