@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,39 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the child's own process group, SIGKILL if it is still there 15 s later."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _on_signal(signum, frame) -> None:
+    """A stage's time budget ran out (timeout sent SIGTERM): stop our children too, so that nothing of
+    this stage keeps the GPU busy during the next one (they run in their own process groups)."""
+    for process in list(_CHILDREN):
+        _stop(process)
+    sys.exit(128 + signum)
+
+
+def within_stage(seconds: float, margin: float) -> float:
+    """`seconds`, but no more than the stage's own budget (STAGE_BUDGET, set by gpu_check.sh after
+    clipping to its deadline) less `margin`, so that this process ends its work and writes its
+    JSON before the shell's timeout stops it."""
+    budget = os.environ.get("STAGE_BUDGET")
+    return min(seconds, float(budget) - margin) if budget else seconds
+
+
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
     """Run cmd with stdout+stderr to `log`; never raises on failure or timeout."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -82,17 +116,15 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = Non
     with open(log, "w") as handle:
         process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                    start_new_session=True)
+        _CHILDREN.append(process)
         try:
             rc = process.wait(timeout=max(1.0, timeout))
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 15)  # our own child's process group
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
+            _stop(process)
             rc, timed_out = process.returncode, True
+        finally:
+            _CHILDREN.remove(process)
     return {"cmd": " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), "rc": rc, "timed_out": timed_out,
             "seconds": round(time.perf_counter() - started, 2)}
 
@@ -247,7 +279,7 @@ def cmd_tests(args) -> int:
         env["UNSUP3D_CUDA_TESTS_DEVICE"] = "cpu"
     started = time.perf_counter()
     run = run_logged([sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rA", "-p", "no:cacheprovider",
-                      f"--junitxml={junit}"], Path(args.log), args.timeout, env)
+                      f"--junitxml={junit}"], Path(args.log), within_stage(args.timeout, 25), env)
     result: dict = {"run": run, "stand_in": args.stand_in, "tests": [], "details": {}}
     if junit.is_file():
         for case in ET.parse(junit).getroot().iter("testcase"):
@@ -268,8 +300,12 @@ def cmd_tests(args) -> int:
     result["seconds"] = round(time.perf_counter() - started, 2)
     if run["rc"] != 0 or not result["tests"]:
         result["log_tail"] = tail(Path(args.log).read_text(errors="replace"), 40)
+    ok = run["rc"] == 0 and bool(result["tests"])
+    if not args.stand_in and counts.get("skipped"):  # on the GPU machine every test must run
+        result["error"] = f"{counts['skipped']} tests skipped: is CUDA usable here? (torch.cuda.is_available())"
+        ok = False
     write_json(args.out, result)
-    return 0 if run["rc"] == 0 and result["tests"] else 1
+    return 0 if ok else 1
 
 
 # --- bench -------------------------------------------------------------------------------------
@@ -453,7 +489,7 @@ def cmd_bench(args) -> int:
     from trainer.render.renderer import Renderer, RendererConfig
 
     started = time.perf_counter()
-    deadline = started + args.budget_s
+    deadline = started + within_stage(args.budget_s, 10)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peaks = _peaks(name)
@@ -739,12 +775,20 @@ def summarize(out_dir: Path) -> str:
         if s.get("note"):
             status += f" ({s['note']})"
         lines.append(f"| {s['stage']} | {status} | {s['seconds']} | {s.get('budget_s', '')} |")
-    if install:
+
+    def section_install():
+        nonlocal lines
+        if not install:
+            return
         installed = [p["wheel"].split("-")[0] for p in install.get("plan", []) if p["install"]]
         lines += ["", f"Install: {install.get('status')}; installed {', '.join(installed) or 'nothing'}"
                   + (f"; {install['note']}" if install.get("note") else "")
                   + "; imports: " + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in install.get("imports", {}).items())]
-    if tests:
+
+    def section_tests():
+        nonlocal lines
+        if not tests:
+            return
         lines += ["", "## CUDA tests" + (" (CPU stand-in)" if tests.get("stand_in") else ""), "",
                   f"{tests.get('counts')}", "", "| test | outcome | s | note |", "|---|---|---|---|"]
         for t in tests.get("tests", []):
@@ -762,7 +806,11 @@ def summarize(out_dir: Path) -> str:
                     lines.append(f"- {r['precision']}/{r['mode']}: loss {r['loss']:.4f}, nets {r['net_output_dtype']}, "
                                  f"weights {r['param_dtype']}, master changed {r['master_changed']}/{r['master_tensors']}, "
                                  f"model.pt weights changed {r['model_state_changed']}/{r['model_state_tensors']}")
-    if bench:
+
+    def section_bench():
+        nonlocal lines
+        if not bench:
+            return
         lines += ["", f"## Training step benchmark ({bench.get('device')}; {bench.get('model')})", "",
                   "Throughput without section syncs; shares from steps timed per section (forward parts); "
                   "fwd+bwd = each part alone, as a fraction of the step. "
@@ -799,7 +847,11 @@ def summarize(out_dir: Path) -> str:
             lines.append(f"- targets: 64 px bf16 best {_num(best64['images_per_s'])} img/s (target >= 10,000, "
                          f"MFU {_pct(best64.get('mfu_vs_bf16_peak'))}, target about 30%); renderer fwd+bwd {_pct(renderer)} "
                          "of a step (target <= 10%)")
-    if train:
+
+    def section_train():
+        nonlocal lines
+        if not train:
+            return
         lines += ["", "## Training the reference recipe (`--no-ray`)", ""]
         data = train.get("data") or {}
         lines.append(f"Data: {data.get('kind', '?')} ({data.get('counts')}, generated in {data.get('seconds')} s)"
@@ -825,6 +877,11 @@ def summarize(out_dir: Path) -> str:
                                  f"{block['mad_deg_exact']['mean']:.2f} |")
         if train.get("error"):
             lines.append(f"\nError: {train['error']}")
+    for section in (section_install, section_tests, section_bench, section_train):
+        try:
+            section()
+        except Exception as error:  # a half-written or unexpected JSON must not cost the rest of the summary
+            lines += ["", f"({section.__name__[8:]}: could not summarize: {type(error).__name__}: {error})"]
     return "\n".join(lines) + "\n"
 
 
@@ -903,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_summary)
 
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     return args.func(args)
 
 

@@ -78,7 +78,7 @@ DRIVER=("$PYTHON" "$ROOT/benchmarks/gpu_check.py")
 if [ "$TINY" = 1 ]; then
   B_INSTALL=60; B_ENV=30; B_TESTS=120; B_BENCH=60; B_TRAIN=${TRAIN_SECONDS:-60}; B_EVAL=60; DEADLINE_S=${DEADLINE_S:-400}
 else
-  B_INSTALL=60; B_ENV=30; B_TESTS=120; B_BENCH=150; B_TRAIN=${TRAIN_SECONDS:-180}; B_EVAL=60; DEADLINE_S=${DEADLINE_S:-560}
+  B_INSTALL=60; B_ENV=30; B_TESTS=150; B_BENCH=150; B_TRAIN=${TRAIN_SECONDS:-180}; B_EVAL=60; DEADLINE_S=${DEADLINE_S:-560}
 fi
 STARTED=$(date +%s)
 FAILED=0
@@ -107,7 +107,7 @@ stage() {  # stage NAME BUDGET_S NOTE -- command...
   fi
   echo "[gpu_check] $(date +%H:%M:%S) stage $name (budget ${budget}s)"
   local t0=$(date +%s%N)
-  timeout --kill-after=15 "$budget" "$@" > "$OUT/logs/$name.log" 2>&1
+  STAGE_BUDGET=$budget timeout --kill-after=15 "$budget" "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
   local ms=$((($(date +%s%N) - t0) / 1000000))
   local secs=$(printf "%d.%03d" $((ms / 1000)) $((ms % 1000)))
@@ -183,5 +183,6 @@ for f in "$WORK"/logs/*.log "$WORK"/logs/*.out; do  # tails of the runs' own log
   tail -n 150 "$f" > "$OUT/logs/work_$(basename "$f")"
 done
 "${DRIVER[@]}" summary --out-dir "$OUT"
+cat "$OUT/summary.md"  # also in the command's output, should the files not come back
 echo "[gpu_check] done in $(($(date +%s) - STARTED))s; results in $OUT (summary.md); work dir $WORK"
 exit $FAILED

@@ -4,7 +4,8 @@
 scripts/gpu_check.sh --tiny puts this folder first on PYTHONPATH, so the CPU rehearsal fails where the
 GPU run would (an import of Ray or DALI on the `--no-ray` path, say) instead of wasting GPU minutes.
 Not used on the GPU machine itself. Works by wrapping the path finder: importlib.util.find_spec then
-answers None, and import raises ModuleNotFoundError, exactly as for a missing package.
+answers None, import raises ModuleNotFoundError and importlib.metadata finds no distribution, as for
+a package that is not installed.
 """
 
 import os
@@ -20,6 +21,15 @@ class _HidingPathFinder:
         if any(name == hidden or name.startswith(hidden + ".") for hidden in HIDDEN):
             return None
         return PathFinder.find_spec(name, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        """importlib.metadata asks the path finder too: hide the same packages' metadata."""
+        hidden = tuple(name.replace(".", "-").replace("_", "-").lower() for name in HIDDEN)
+        for dist in PathFinder.find_distributions(*args, **kwargs):
+            name = (dist.metadata["Name"] or "").replace("_", "-").lower()
+            if not any(name == h or name.startswith(h + "-") for h in hidden):
+                yield dist
 
     @classmethod
     def invalidate_caches(cls):
