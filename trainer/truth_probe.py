@@ -10,7 +10,8 @@ of a split:
   the split's mean map; the correlation of what is left is averaged over images. 0 means one
   template for every face; 1 means every face's own shape, up to scale.
 
-Correlations are Pearson's r; a value near 0 is "not learned", a negative one a flipped convention.
+Correlations are Pearson's r; a value near 0 is "not learned" (a constant prediction counts as 0), a
+negative one a flipped convention.
 The model's canonical frame is its own: the depth departure compares maps pixel by pixel, so it is
 meaningful only where the learned canonical view is roughly frontal and centred, as the flip
 symmetry makes it.
@@ -36,7 +37,8 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+    # A constant prediction carries no information about the truth: 0, not undefined.
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def depth_departure_correlation(pred: np.ndarray, truth: np.ndarray, truth_fore: np.ndarray) -> dict:
