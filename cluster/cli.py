@@ -93,8 +93,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_or_shipped(args: argparse.Namespace) -> str:
+    if args.checkpoint:
+        return args.checkpoint
+    from trainer.shipped_model import shipped_checkpoint
+
+    path = str(shipped_checkpoint())
+    print(f"no --checkpoint: using the shipped face model {path}", file=sys.stderr)
+    return path
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate, evaluate_checkpoints
+
+    if args.all_checkpoints and not args.checkpoint:
+        raise ValueError("--all-checkpoints needs --checkpoint: a run's checkpoints folder")
+    args.checkpoint = _checkpoint_or_shipped(args)
 
     if args.images is not None and args.images < 1:
         raise ValueError(f"--images must be at least 1, got {args.images}")
@@ -126,8 +140,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--yaws must be comma-separated degrees, e.g. -45,0,45; got {args.yaws!r}") from None
     options = DemoOptions(**kwargs)
-    summary = run_demo(args.checkpoint, args.input, args.out, device=args.device, options=options)
+    summary = run_demo(_checkpoint_or_shipped(args), args.input, args.out, device=args.device, options=options)
     print(json.dumps({k: summary[k] for k in ("images", "skipped", "device", "seconds")} | {"out": args.out}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.shipped_model import export_weights
+
+    print(json.dumps(export_weights(args.checkpoint, args.out, note=args.note)))
     return 0
 
 
@@ -199,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_new_category_subcommand(sub)
 
     p = sub.add_parser("evaluate", help="SIDE and MAD of a checkpoint on a synface-layout folder, as JSON")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest; "
+    p.add_argument("--checkpoint", help="checkpoint file, or a run's checkpoints folder (uses latest; default: the "
+                   "shipped face model, trainer/pretrained/unsup3d-faces64.pt; "
                    "every kept one with --all-checkpoints)")
     p.add_argument("--data", required=True, help="folder with <split>/image/*_image.png and <split>/depth/*_depth.png")
     p.add_argument("--split", default="test")
@@ -222,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="reconstructions, relighting, novel views, textured meshes and GIFs of photos")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run's checkpoints folder (uses latest)")
+    p.add_argument("--checkpoint", help="checkpoint file, or a run's checkpoints folder (uses latest); default: the "
+                   "shipped face model, trainer/pretrained/unsup3d-faces64.pt")
     p.add_argument("--input", required=True, help="folder of images cropped around the object (any size), or one image")
     p.add_argument("--out", required=True, help="output folder: one subfolder per image, and demo.json")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
@@ -231,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gif-frames", type=int, default=36, help="frames of rotation.gif")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write a checkpoint's model as one small weights-only file (what the "
+                       "repository ships in trainer/pretrained/)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run's checkpoints folder (latest)")
+    p.add_argument("--out", required=True, help="the .pt file to write")
+    p.add_argument("--note", default="", help="recorded in the file's 'source' beside the checkpoint path")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="write synthetic faces (or blobs) with ground-truth depth in the synface layout")
     p.add_argument("--out", required=True)
@@ -271,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     from trainer.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
+    from trainer.head_model import HeadModelError
 
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
+        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, HeadModelError))
         if error is None:
             raise
         # Bad input: a one-line message that names what was wrong, not a traceback.

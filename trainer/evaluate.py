@@ -269,6 +269,7 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
     """
     results, per_image, worst_cases = evaluate_detailed(checkpoint, data, split, batch_size, device, on_error,
                                                         worst if report_dir is not None else 0, images=images)
+    add_truth_correlation(results, checkpoint, data, split, batch_size, device)
     if report_dir is not None:
         from trainer.report import write_report
 
@@ -276,6 +277,21 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
             report_dir = default_report_dir(checkpoint, split, results["step"])
         results["report"] = str(write_report(results, per_image, report_dir, worst_cases))
     return results
+
+
+def add_truth_correlation(results: dict, checkpoint: str, data: str, split: str, batch_size: int, device: str) -> None:
+    """When the split holds the face generator's truth (truth.npz), add results["truth_correlation"]:
+    how the predicted pose, light and per-image depth correlate with it, over the whole split
+    (trainer/truth_probe.py)."""
+    from trainer.face_generator import read_truth
+    from trainer.truth_probe import probe
+
+    if read_truth(data, split) is None:
+        return
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    results["truth_correlation"] = {k: v for k, v in probe(checkpoint, data, split, device, batch_size).items()
+                                    if k != "step"}
 
 
 def checkpoints_in(folder: str | Path) -> list[Path]:
@@ -325,6 +341,7 @@ def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", bat
     for path in paths:
         results, _, _ = evaluate_detailed(str(path), data, split, batch_size, device, on_error, worst=0, images=images,
                                           average_depths=averages)
+        add_truth_correlation(results, str(path), data, split, batch_size, device)
         log.info("%s: step %d SIDE %.4f x1e-2, MAD %.2f deg exact / %.2f reference", path.name, results["step"],
                  results["model"]["side_x1e-2"]["mean"], results["model"]["mad_deg_exact"]["mean"],
                  results["model"]["mad_deg_reference"]["mean"])

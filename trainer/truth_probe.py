@@ -79,12 +79,17 @@ def probe_model(model, model_config, data: str, split: str = "test", device: str
     folder = SynfaceFolder(data, split, image_size=model_config.image_size, on_error="raise")
     rows, views, lights, depths = [], [], [], []
     for batch in folder.batches(batch_size):
-        out = model.decompose(batch["image"].to(device))
-        n = batch["image"].shape[0]
-        rows.extend(index[name] for name in batch["name"])
+        # Images the generator did not write (added to the folder later) have no truth: left out.
+        keep = [i for i, name in enumerate(batch["name"]) if name in index]
+        if not keep:
+            continue
+        out = model.decompose(batch["image"][keep].to(device))
+        rows.extend(index[batch["name"][i]] for i in keep)
         views.append(out.view.cpu().numpy())
         lights.append(out.light.cpu().numpy())
-        depths.append(out.canon_depth[:n].cpu().numpy())
+        depths.append(out.canon_depth[:len(keep)].cpu().numpy())
+    if not rows:
+        raise ValueError(f"{Path(data) / split}: none of its images is named in truth.npz")
     rows = np.asarray(rows)
     view, light, depth = np.concatenate(views), np.concatenate(lights), np.concatenate(depths)
     angle = model_config.max_rotation_degrees
