@@ -62,15 +62,14 @@ def _train_in_process(config) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.job_config import load_job_config
+    from cluster.job_config import check_sources, load_job_config
 
-    config = load_job_config(args.config)
-    if args.out_dir:
-        config.train.out_dir = args.out_dir
-    if args.max_steps is not None:
-        config.train.max_steps = args.max_steps
-    if args.category:
-        config.category = args.category
+    # Command-line overrides go into the file's data, so they are checked (and named) like its keys.
+    overrides = {key: value for key, value in (("train.out_dir", args.out_dir), ("train.max_steps", args.max_steps),
+                                               ("category", args.category)) if value is not None}
+    config = load_job_config(args.config, overrides)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
+        check_sources(config, args.config)
     if not _use_ray(args):
         summary = _train_in_process(config)
         if int(os.environ.get("RANK", "0")) == 0:

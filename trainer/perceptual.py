@@ -70,10 +70,11 @@ class PerceptualConfig:
     ignored), loaded with torch.load(weights_only=True). Required for backbone "vgg16_file"."""
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"perceptual.backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}")
-        if self.backbone == "vgg16_file" and not self.vgg16_path:
-            raise ValueError('perceptual.vgg16_path is required when perceptual.backbone is "vgg16_file"')
+        from trainer.config_loading import check_choice, require
+
+        check_choice(self, "backbone", BACKBONES)
+        require(self.backbone != "vgg16_file" or bool(self.vgg16_path), "vgg16_path", self.vgg16_path,
+                'is required when backbone is "vgg16_file"')
 
 
 class PerceptualNet(nn.Module):

@@ -156,7 +156,9 @@ class Trainer:
         self.accumulation = self.engine.config.gradient_accumulation_steps
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints,
                                              after_save=after_save)
-        self.total_steps = config.train.max_steps or max(1, config.train.epochs * data.batches_per_epoch // self.accumulation)
+        max_steps = config.train.max_steps  # 0 is a run of no step: the initial weights saved as step 0
+        self.total_steps = (max_steps if max_steps is not None
+                            else max(1, config.train.epochs * data.batches_per_epoch // self.accumulation))
         self.arch_hash = model_config_hash(config.model)
         self.step = 0
         self.skipped_steps = 0
