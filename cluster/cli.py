@@ -228,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     from trainer.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
+    from trainer.run_lock import RunLockedError
 
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
+        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError))
         if error is None:
             raise
         # Bad input: a one-line message that names what was wrong, not a traceback.

@@ -77,6 +77,7 @@ def test_a_checkpoint_of_another_model_config_is_refused(synthetic_root, tmp_pat
     other.model.depth_nf = 16
     with pytest.raises(CheckpointError, match="another model config"):
         train(other)
+    assert "depth_nf: 8" in (tmp_path / "run" / "config.yaml").read_text()  # not the refused run's config
 
 
 def test_cli_train_then_evaluate_reports_model_and_baselines(synthetic_root, tmp_path, capsys):

@@ -24,7 +24,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from trainer.checkpoint import CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files
+from trainer.checkpoint import (CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files,
+                                write_atomically)
 from trainer.config import RunConfig, dump_config, model_config_hash
 from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_process_group
 from trainer.engine import Engine, build_engine
@@ -32,6 +33,7 @@ from trainer.folder_data import FolderBatches
 from trainer.model import Unsup3DLoss
 from trainer.monitor import TrainMonitor
 from trainer.perceptual import build_perceptual_net
+from trainer.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +130,46 @@ def fp32_model_state(engine: Engine) -> dict:
 class Trainer:
     """One run on one process of the group; `run()` trains to the end."""
 
-    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None):
-        """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook)."""
+    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None,
+                 lock_out_dir: bool = True):
+        """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook).
+        `lock_out_dir`: rank 0 holds out_dir's run lock (trainer/run_lock.py) until close(); False where the
+        caller holds it already (the Ray driver)."""
         self.config = config
         self.out_dir = Path(config.train.out_dir)
         self.group: ProcessGroup = init_process_group(resolve_device(config.train.device).type)
         self.device = resolve_device(config.train.device, self.group.local_rank)
+        self.run_lock = self._lock_out_dir() if lock_out_dir else None
+        try:
+            self._build(config, data, after_save)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_out_dir(self) -> RunLock | None:
+        """Rank 0 takes the lock before anything is written to out_dir; every rank raises if it is held."""
+        from trainer.distributed import broadcast_object
+
+        lock, refused = None, None
+        if self.group.is_main:
+            try:
+                lock = RunLock(self.out_dir).acquire()
+            except RunLockedError as error:
+                refused = str(error)
+        refused = broadcast_object(refused)
+        if refused is not None:
+            raise RunLockedError(refused)
+        return lock
+
+    def close(self) -> None:
+        """Release out_dir's run lock (idempotent)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _build(self, config: RunConfig, data: BatchSource | None, after_save: SaveHook | None) -> None:
         if self.group.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump_config(config))
         seed_everything(config.train.seed)
         self.engine = build_engine(config, self.group.world_size, self.device)
         perceptual = build_perceptual_net(config.perceptual) if config.loss.lam_perc > 0 else None
@@ -292,6 +325,8 @@ class Trainer:
                                   "which cannot resume a DeepSpeed run; use another train.out_dir "
                                   "(unsup3d evaluate still reads them)")
         if self.group.is_main:
+            # Only now, with the checkpoint it resumes from accepted: config.yaml describes this run.
+            write_atomically(self.out_dir / "config.yaml", dump_config(self.config).encode())
             self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
         cfg = self.config.train
         self.monitor.start(self.step, latest, cfg.log_every)
@@ -351,11 +386,13 @@ class Trainer:
 
 
 def train(config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root."""
+    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root.
+    Holds out_dir's run lock meanwhile (RunLockedError if another run holds it)."""
     trainer = Trainer(config, data, after_save)
     try:
         return trainer.run()
     finally:
+        trainer.close()
         trainer.engine.engine.destroy()
         if trainer.group.created_here and trainer.group.world_size > 1:
             import torch.distributed as dist
