@@ -128,10 +128,10 @@ def test_the_real_command_refuses_an_alias_bomb_in_one_line(tmp_path):
 def test_max_steps_zero_saves_the_initial_weights_and_trains_nothing(synthetic_root, tmp_path):
     """0 is allowed: a run of no step whose checkpoint (step 0) is the untrained model, e.g. a baseline for
     `unsup3d evaluate`. (Before, 0 fell through to train.epochs.)"""
-    from test_train import small_config
+    from test_resume_config import fast_config
     from trainer.checkpoint import load_checkpoint
     from trainer.train import train
 
-    result = train(small_config(synthetic_root, tmp_path / "run", max_steps=0))
+    result = train(fast_config(synthetic_root, tmp_path / "run", max_steps=0))
     assert result.steps == 0 and result.checkpoint.endswith("step_00000000")
     assert load_checkpoint(tmp_path / "run" / "checkpoints")["step"] == 0

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cluster.cli import main as cli_main
-from test_train import small_config
+from test_resume_config import fast_config
 from trainer.config import dump_config
 from trainer.run_lock import LOCK_NAME, RunLock, RunLockedError
 from trainer.train import train
@@ -33,7 +33,7 @@ def dead_pid() -> int:
 
 
 def test_a_second_run_on_the_same_out_dir_fails_fast_naming_the_first(synthetic_root, tmp_path, capsys):
-    config = small_config(synthetic_root, tmp_path / "run", max_steps=100_000)
+    config = fast_config(synthetic_root, tmp_path / "run", max_steps=100_000)
     config.train.log_every = 1000
     first_file = tmp_path / "first.yaml"
     first_file.write_text(dump_config(config))
@@ -72,7 +72,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_logged(synthetic_root,
     (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": time.time() - 60,
                                              "command": "unsup3d train --config killed.yaml"}))
     caplog.set_level(logging.WARNING, logger="trainer.run_lock")
-    assert train(small_config(synthetic_root, run, max_steps=1)).steps == 1
+    assert train(fast_config(synthetic_root, run, max_steps=1)).steps == 1
     assert f"taking over the stale lock {run / LOCK_NAME} of pid {pid}" in caplog.text and "is gone" in caplog.text
     assert not (run / LOCK_NAME).exists()  # released at the end of the run
 

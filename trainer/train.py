@@ -127,6 +127,28 @@ def fp32_model_state(engine: Engine) -> dict:
     return {k: v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in state.items()}
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without the records of steps after `step` (and any torn last line): a run
+    resumed from the checkpoint of `step` redoes those steps and logs them again, so every step appears
+    once, with the values of the run the checkpoints continue. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            keep = not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] <= step
+        except ValueError:
+            keep = False  # a line cut short when the previous run was killed
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomically(path, "".join(line + "\n" for line in kept).encode())
+    return dropped
+
+
 class Trainer:
     """One run on one process of the group; `run()` trains to the end."""
 
@@ -198,6 +220,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.rollbacks = 0
         self.metrics_file = None
+        self._pending_records: list[dict] = []  # recorded once metrics.jsonl is open
         self._validation_images: torch.Tensor | None = None
         self._first_images: torch.Tensor | None = None
         # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/monitor.py.
@@ -231,8 +254,36 @@ class Trainer:
         self.data.load_state_dict(mine["data"])
         load_rng_state(mine["rng"])
         self.step = int(state["step"])
+        self._apply_optimizer_config(path)
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+
+    def _apply_optimizer_config(self, path: Path) -> None:
+        """The restored optimizer state brings the checkpoint's hyperparameters back; this run's config says
+        what they are now. Each difference is applied to every param group and logged (and, on rank 0,
+        recorded in metrics.jsonl once it is open)."""
+        opt = self.config.optimizer
+        wanted = {"lr": float(opt.lr), "betas": tuple(float(b) for b in opt.betas), "weight_decay": float(opt.weight_decay)}
+        changes: dict = {}
+        for group in self.engine.gate.optimizer.param_groups:
+            for key, value in wanted.items():
+                if key not in group:
+                    continue
+                old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+                if old != value:
+                    changes.setdefault(key, old)
+                    group[key] = value
+        for key, old in changes.items():
+            if self.group.is_main:
+                log.warning("optimizer.%s changed from %s (in %s) to %s (this run's config): applied to the restored "
+                            "optimizer", key, old, path.name, wanted[key])
+            entry = {"event": "config_change", "step": self.step, "key": f"optimizer.{key}",
+                     "checkpoint": list(old) if isinstance(old, tuple) else old,
+                     "config": list(wanted[key]) if isinstance(wanted[key], tuple) else wanted[key]}
+            if self.metrics_file is not None:  # a rollback during the run
+                self.record(entry)
+            else:
+                self._pending_records.append(entry)
 
     def save(self) -> Path:
         per_rank = all_gather_object({"data": self.data.state_dict(), "rng": rng_state()})
@@ -327,7 +378,16 @@ class Trainer:
         if self.group.is_main:
             # Only now, with the checkpoint it resumes from accepted: config.yaml describes this run.
             write_atomically(self.out_dir / "config.yaml", dump_config(self.config).encode())
-            self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+            metrics = self.out_dir / "metrics.jsonl"
+            if latest is not None:
+                dropped = drop_records_after(metrics, self.step)
+                if dropped:
+                    log.info("metrics.jsonl: dropped %d records logged after step %d (those steps are redone)",
+                             dropped, self.step)
+            self.metrics_file = open(metrics, "a")
+        for entry in self._pending_records:
+            self.record(entry)
+        self._pending_records.clear()
         cfg = self.config.train
         self.monitor.start(self.step, latest, cfg.log_every)
         self.engine.module.train()
