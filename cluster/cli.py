@@ -233,12 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError))
-        if error is None:
+        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError))
+        full = _disk_full(error)
+        if found is None and full is None:
             raise
-        # Bad input: a one-line message that names what was wrong, not a traceback.
-        print(f"unsup3d {args.command}: error: {error}", file=sys.stderr)
+        # Bad input or a full disk: a one-line message that names what was wrong, not a traceback.
+        text = " ".join(str(found if found is not None else full).split())
+        print(f"unsup3d {args.command}: error: {text[:2000]}", file=sys.stderr)
         return 2
+
+
+def _disk_full(error: BaseException | None) -> str | None:
+    """'no space left on <path>' when `error` (or what it wraps) is a full disk, else None."""
+    import errno
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {error.filename or 'the device'}"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:

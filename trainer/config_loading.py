@@ -261,6 +261,16 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     return instance
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text read with StrictLoader (e.g. the config stored in a checkpoint); errors name `where`."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(error)}") from error
+    except RecursionError as error:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from error
+
+
 def read_yaml(path: str | Path) -> Any:
     """The data of a YAML config file, read with StrictLoader; errors are one-line ConfigErrors naming it."""
     path = Path(path)
@@ -273,12 +283,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
-    try:
-        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from error
-    except RecursionError as error:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from error
+    data = parse_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the file is empty (write {{}} to use every default)")
     return data

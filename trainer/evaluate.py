@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint, one_line
 from trainer.config import ModelConfig
-from trainer.config_loading import from_dict
+from trainer.config_loading import ConfigError, from_dict, parse_yaml
 from trainer.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
 from trainer.model import Unsup3D
 from trainer.render.geometry import intrinsics
@@ -36,11 +35,40 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Unsup3D, M
         if key not in state:
             raise CheckpointError(f"{checkpoint} has no '{key}' entry: not a checkpoint written by unsup3d train")
     # Only the model section matters here; the rest may hold sections of other packages.
-    model_config = from_dict(ModelConfig, yaml.safe_load(state["config_yaml"]).get("model"), "model")
+    stored = parse_yaml(state["config_yaml"], f"{checkpoint} (its config)")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{checkpoint}: its stored config is not a mapping")
+    try:
+        model_config = from_dict(ModelConfig, stored.get("model"), "model")
+    except ConfigError as error:
+        raise CheckpointError(f"{checkpoint}: its stored model config is unusable: {error}") from error
     model = Unsup3D(model_config).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes "
+                              f"({weights_mismatch(model.state_dict(), state['model'], error)})") from error
     model.eval()
     return model, model_config, int(state.get("step", 0))
+
+
+def weights_mismatch(expected: dict, found, error: BaseException) -> str:
+    """The first difference between a model's state dict and a checkpoint's, and how many there are."""
+    if not isinstance(found, dict):
+        return f"the weights are a {type(found).__name__}, not a state dict"
+    problems = []
+    for key, value in expected.items():
+        other = found.get(key)
+        if other is None:
+            problems.append(f"missing {key}")
+        elif not isinstance(other, torch.Tensor) or other.shape != value.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            problems.append(f"{key} is {shape} in the checkpoint, {tuple(value.shape)} in the model")
+    problems += [f"unexpected {key}" for key in found if key not in expected]
+    if not problems:
+        return one_line(error)
+    more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 def average_training_depth(data_dir: Path, image_size: int, on_error: str) -> torch.Tensor | None:

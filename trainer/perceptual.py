@@ -155,9 +155,9 @@ def _load_tensor_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types (IndexError, KeyError, ...) on junk
-        raise PerceptualWeightsError(
-            f"{path}: not a torch state dict of plain tensors (torch.load with weights_only=True failed: {err})"
-        ) from err
+        from trainer.checkpoint import describe_load_error
+
+        raise PerceptualWeightsError(f"not a torch state dict of plain tensors: {describe_load_error(path, err)}") from err
     if not isinstance(state, dict):
         raise PerceptualWeightsError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
     return state
