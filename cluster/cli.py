@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report_dir = None if args.no_report else (args.report_dir or "auto")
     results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                        device=args.device, on_error=args.on_error, report_dir=report_dir,
-                       worst=args.worst)
+                       worst=args.worst, max_image_pixels=args.max_image_pixels, min_image_size=args.min_image_size)
     text = json.dumps(results, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -109,7 +109,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import DemoOptions, run_demo
 
-    kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size}
+    kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size,
+              "max_image_pixels": args.max_image_pixels, "min_image_size": args.min_image_size}
     if args.yaws:
         try:
             kwargs["yaws"] = tuple(float(y) for y in args.yaws.split(","))
@@ -128,6 +129,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            args.background, args.albedo_hues)
     print(json.dumps(counts))
     return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_image_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """Sizes are read from each file's header before decoding; files outside the limits are skipped and counted."""
+    p.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
+                   help="skip images with more pixels, before decoding them (default 4096x4096)")
+    p.add_argument("--min-image-size", type=positive_int,
+                   help="skip images whose shorter side is below this (default: half the model's resolution)")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: <run>/reports/<split>_step_<N> beside the checkpoints folder")
     p.add_argument("--no-report", action="store_true", help="JSON only, no report")
     p.add_argument("--worst", type=int, default=8, help="worst images (by SIDE) drawn as panels in the report")
+    add_image_limit_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="reconstructions, relighting, novel views, textured meshes and GIFs of photos")
@@ -191,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaws", help="novel-view yaw angles in degrees, comma-separated; write --yaws=-45,0,45 (default -45,-22.5,0,22.5,45)")
     p.add_argument("--gif-frames", type=int, default=36, help="frames of rotation.gif")
     p.add_argument("--batch-size", type=int, default=16)
+    add_image_limit_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write synthetic probably-symmetric objects in the synface layout")

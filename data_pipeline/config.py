@@ -135,6 +135,11 @@ class PrepareConfig:
     """celeba with the official list_bbox_celeba.txt: the split file; default <input>/list_eval_partition.txt."""
     max_samples: int | None = None
     """Stop after this many samples (quick subsets); None takes all."""
+    max_image_pixels: int = 4096 * 4096
+    """Source images with more pixels (read from the header, before decoding) are skipped: too_large."""
+    min_image_size: int | None = None
+    """Crops whose side is below this are skipped (too_small), not upscaled from a few pixels; None: half
+    the stored image_size (no minimum when the crop's own size is kept)."""
     s3: S3Config = field(default_factory=S3Config)
     """Credentials and endpoint when output is s3://."""
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -147,7 +152,9 @@ class PrepareConfig:
             raise invalid("samples_per_shard", self.samples_per_shard, "must be positive")
         if self.image_format not in ("auto", "jpg", "png"):
             raise invalid("image_format", self.image_format, "must be auto, jpg or png")
-        for name in ("image_size", "crop", "max_samples"):
+        if self.max_image_pixels < 1:
+            raise invalid("max_image_pixels", self.max_image_pixels, "must be a positive integer")
+        for name in ("image_size", "crop", "max_samples", "min_image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise invalid(name, value, "must be positive (or null)")

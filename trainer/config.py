@@ -208,12 +208,20 @@ class DataConfig:
     """Random horizontal flip, the reference's only augmentation."""
     generate_if_missing: SyntheticDataConfig | None = None
     """When set and root does not exist, generate synthetic data there first."""
+    max_image_pixels: int = 4096 * 4096
+    """Images with more pixels (read from the file header, before decoding) are skipped and counted."""
+    min_image_size: int | None = None
+    """Images whose shorter side is below this are skipped and counted, never upscaled from a few pixels;
+    None: half of model.image_size."""
 
     def __post_init__(self):
         check_name(self, "root")
         check_name(self, "split")
         check_int(self, "batch_size", 1, 1 << 16)
         check_float(self, "hflip_probability", 0.0, 1.0)
+        check_int(self, "max_image_pixels", 1)
+        if self.min_image_size is not None:
+            check_int(self, "min_image_size", 1)
 
 
 @dataclass

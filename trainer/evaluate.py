@@ -21,7 +21,7 @@ from trainer.config_loading import ConfigError, from_dict, parse_yaml
 from trainer.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
 from trainer.model import Unsup3D
 from trainer.render.geometry import intrinsics
-from trainer.synface import SynfaceFolder
+from trainer.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ def weights_mismatch(expected: dict, found, error: BaseException) -> str:
     return problems[0] + more
 
 
-def average_training_depth(data_dir: Path, image_size: int, on_error: str) -> torch.Tensor | None:
+def average_training_depth(data_dir: Path, image_size: int, on_error: str, **limits) -> torch.Tensor | None:
     train_dir = data_dir / "train"
     if not train_dir.is_dir():
         return None
-    folder = SynfaceFolder(str(data_dir), "train", image_size=image_size, on_error=on_error)
+    folder = SynfaceFolder(str(data_dir), "train", image_size=image_size, on_error=on_error, **limits)
     total, count = torch.zeros(image_size, image_size), 0
     for batch in folder.batches(256):
         total += batch["depth"].sum(0)
@@ -159,17 +159,21 @@ def default_report_dir(checkpoint: str | Path, split: str, step: int) -> Path:
 
 @torch.no_grad()
 def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
-                      on_error: str = "skip", worst: int = 8) -> tuple[dict, PerImage, list[WorstCase]]:
-    """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE)."""
+                      on_error: str = "skip", worst: int = 8, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                      min_image_size: int | None = None) -> tuple[dict, PerImage, list[WorstCase]]:
+    """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE).
+    Images above max_image_pixels or below min_image_size (default half the model's resolution) and
+    depth maps of another size than their image are skipped and counted (or raise with on_error="raise")."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model, model_config, step = load_model(checkpoint, torch_device)
     size = model_config.image_size
     data_dir = Path(data)
-    folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error)
+    limits = {"max_pixels": max_image_pixels, "min_size": min_image_size}
+    folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error, **limits)
     if len(folder) == 0:
-        raise ValueError(f"{data_dir / split} holds no image/depth pairs")
+        raise ValueError(f"{data_dir / split} holds no usable image/depth pairs (skipped: {dict(folder.skipped) or 'none'})")
     K = intrinsics(size, dtype=torch.float64)
-    average_depth = average_training_depth(data_dir, size, on_error)
+    average_depth = average_training_depth(data_dir, size, on_error, **limits)
 
     names = METHODS
     side = {n: [] for n in names}
@@ -216,6 +220,7 @@ def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_siz
         "split": split,
         "images": count,
         "skipped": dict(folder.skipped),
+        "upscaled": folder.upscaled,
         "notes": {
             "side_x1e-2": "scale-invariant depth error x 1e-2, per image then mean and std over images",
             "mad_deg_reference": "mean angle deviation of normals normalised as n/(|n|+1e-7) like the reference (the paper's numbers)",
@@ -239,14 +244,16 @@ def _reconstruction(model, out, batch: int) -> torch.Tensor:
 
 
 def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
-             on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8) -> dict:
+             on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8,
+             max_image_pixels: int = DEFAULT_MAX_PIXELS, min_image_size: int | None = None) -> dict:
     """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops.
 
     report_dir: also write the human report there (trainer.report; "auto" = default_report_dir);
     the dict then names report.md under "report". worst: how many worst images the report draws.
     """
     results, per_image, worst_cases = evaluate_detailed(checkpoint, data, split, batch_size, device, on_error,
-                                                        worst if report_dir is not None else 0)
+                                                        worst if report_dir is not None else 0, max_image_pixels,
+                                                        min_image_size)
     if report_dir is not None:
         from trainer.report import write_report
 

@@ -206,7 +206,8 @@ class Trainer:
             barrier()
             data = FolderBatches(config.data.root, config.data.split, config.model.image_size, config.data.batch_size,
                                  config.train.seed, config.data.hflip_probability, self.device,
-                                 rank=self.group.rank, world_size=self.group.world_size)
+                                 rank=self.group.rank, world_size=self.group.world_size,
+                                 max_pixels=config.data.max_image_pixels, min_size=config.data.min_image_size)
         self.data = data
         self.accumulation = self.engine.config.gradient_accumulation_steps
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints,
