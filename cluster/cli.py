@@ -62,15 +62,14 @@ def _train_in_process(config) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.job_config import load_job_config
+    from cluster.job_config import check_sources, load_job_config
 
-    config = load_job_config(args.config)
-    if args.out_dir:
-        config.train.out_dir = args.out_dir
-    if args.max_steps is not None:
-        config.train.max_steps = args.max_steps
-    if args.category:
-        config.category = args.category
+    # Command-line overrides go into the file's data, so they are checked (and named) like its keys.
+    overrides = {key: value for key, value in (("train.out_dir", args.out_dir), ("train.max_steps", args.max_steps),
+                                               ("category", args.category)) if value is not None}
+    config = load_job_config(args.config, overrides)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
+        check_sources(config, args.config)
     if not _use_ray(args):
         summary = _train_in_process(config)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -122,7 +121,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report_dir = None if args.no_report else (args.report_dir or "auto")
         results = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                            device=args.device, on_error=args.on_error, report_dir=report_dir,
-                           worst=args.worst, images=args.images)
+                           worst=args.worst, images=args.images, max_image_pixels=args.max_image_pixels,
+                           min_image_size=args.min_image_size)
     text = json.dumps(results, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -133,7 +133,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import DemoOptions, run_demo
 
-    kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size}
+    kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size,
+              "max_image_pixels": args.max_image_pixels, "min_image_size": args.min_image_size}
     if args.yaws:
         try:
             kwargs["yaws"] = tuple(float(y) for y in args.yaws.split(","))
@@ -180,6 +181,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                background, args.albedo_hues)
     print(json.dumps(counts))
     return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_image_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """Sizes are read from each file's header before decoding; files outside the limits are skipped and counted."""
+    p.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
+                   help="skip images with more pixels, before decoding them (default 4096x4096)")
+    p.add_argument("--min-image-size", type=positive_int,
+                   help="skip images whose shorter side is below this (default: half the model's resolution)")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -241,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their learning curve: a PNG and a JSON of every point beside it")
     p.add_argument("--curve", help="with --all-checkpoints: the PNG to write (default "
                    "<run>/reports/<split>_learning_curve.png; the JSON gets the same name with .json)")
+    add_image_limit_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="reconstructions, relighting, novel views, textured meshes and GIFs of photos")
@@ -253,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaws", help="novel-view yaw angles in degrees, comma-separated; write --yaws=-45,0,45 (default -45,-22.5,0,22.5,45)")
     p.add_argument("--gif-frames", type=int, default=36, help="frames of rotation.gif")
     p.add_argument("--batch-size", type=int, default=16)
+    add_image_limit_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write a checkpoint's model as one small weights-only file (what the "
@@ -302,16 +320,32 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
     from trainer.head_model import HeadModelError
+    from trainer.run_lock import RunLockedError
 
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        error = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, HeadModelError))
-        if error is None:
+        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError, HeadModelError))
+        full = _disk_full(error)
+        if found is None and full is None:
             raise
-        # Bad input: a one-line message that names what was wrong, not a traceback.
-        print(f"unsup3d {args.command}: error: {error}", file=sys.stderr)
+        # Bad input or a full disk: a one-line message that names what was wrong, not a traceback.
+        text = " ".join(str(found if found is not None else full).split())
+        print(f"unsup3d {args.command}: error: {text[:2000]}", file=sys.stderr)
         return 2
+
+
+def _disk_full(error: BaseException | None) -> str | None:
+    """'no space left on <path>' when `error` (or what it wraps) is a full disk, else None."""
+    import errno
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on {error.filename or 'the device'}"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _user_error(error: BaseException, kinds: tuple) -> BaseException | None:

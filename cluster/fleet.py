@@ -70,12 +70,11 @@ def _resolve(path: str, base: Path) -> str:
 def member_job_config(fleet: FleetConfig, member: FleetMember, fleet_file: Path):
     from cluster.job_config import load_job_config
 
-    config = load_job_config(_resolve(member.config, fleet_file.parent))
-    config.category = member.category
-    config.train.out_dir = member.out_dir or str(Path(fleet.state_dir) / member.category)
+    overrides = {"category": member.category,
+                 "train.out_dir": member.out_dir or str(Path(fleet.state_dir) / member.category)}
     if member.max_steps is not None:
-        config.train.max_steps = member.max_steps
-    return config
+        overrides["train.max_steps"] = member.max_steps
+    return load_job_config(_resolve(member.config, fleet_file.parent), overrides)
 
 
 class FleetState:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from data_pipeline.config import LoaderConfig
 from trainer.config import RunConfig
-from trainer.config_loading import load_yaml_config
+from trainer.config_loading import load_yaml_config, require
 
 
 @dataclass
@@ -21,14 +21,36 @@ class JobConfig(RunConfig):
     Its batch_size and image_size must agree with data.batch_size and model.image_size."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.stream is None:
             return
-        for name, mine, theirs in (("batch_size", self.stream.batch_size, self.data.batch_size),
-                                   ("image_size", self.stream.image_size, self.model.image_size)):
-            if mine != theirs:
-                owner = "data.batch_size" if name == "batch_size" else "model.image_size"
-                raise ValueError(f"stream.{name} ({mine}) differs from {owner} ({theirs})")
+        for name, mine, owner, theirs in (("batch_size", self.stream.batch_size, "data.batch_size", self.data.batch_size),
+                                          ("image_size", self.stream.image_size, "model.image_size",
+                                           self.model.image_size)):
+            require(mine == theirs, f"stream.{name}", mine, f"must equal {owner} ({theirs})")
 
 
-def load_job_config(path: str | Path) -> JobConfig:
-    return load_yaml_config(JobConfig, path)
+def load_job_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    """The job config in `path`, with command-line `overrides` ({"train.max_steps": 5}) checked like the file."""
+    return load_yaml_config(JobConfig, path, overrides)
+
+
+def check_sources(config: JobConfig, path: str | Path) -> None:
+    """The inputs the run reads exist here, before anything is built: the training data (data.root/<split>
+    unless it is generated, or a local stream.shards folder with its manifest) and a vgg16_file backbone.
+    Only meaningful where the run's paths mean what they mean here (in this process or an embedded Ray)."""
+    data = config.data
+    if config.stream is not None:
+        shards = config.stream.shards
+        if "://" not in shards:
+            require((Path(shards) / "manifest.json").is_file(), f"{path}: stream.shards", shards,
+                    "must be a folder written by `unsup3d prepare` (holding manifest.json), or s3://bucket/prefix")
+    elif data.generate_if_missing is None:
+        split_dir = Path(data.root) / data.split
+        require((split_dir / "image").is_dir(), f"{path}: data.root", data.root,
+                f"must be a folder holding {data.split}/image/*_image.png (the synface layout; data.split is "
+                f"{data.split!r}), or set data.generate_if_missing or a stream: section")
+    perceptual = config.perceptual
+    if perceptual.backbone == "vgg16_file":
+        require(Path(perceptual.vgg16_path).is_file(), f"{path}: perceptual.vgg16_path", perceptual.vgg16_path,
+                "must be an existing file of torchvision-layout VGG16 weights")

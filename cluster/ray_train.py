@@ -119,7 +119,7 @@ def _train_and_digest(config, data, after_save=None):
     Ray Train owns the process group, so (as in train()) only the engine is torn down here."""
     from trainer.train import Trainer
 
-    trainer = Trainer(config, data, after_save)
+    trainer = Trainer(config, data, after_save, lock_out_dir=False)  # the driver holds out_dir's lock
     try:
         result = trainer.run()
         return result, parameter_digest(trainer.engine.module)
@@ -205,19 +205,31 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
         per_worker["GPU"] = resources.gpus_per_worker
     from cluster.storage import ray_storage_path
 
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": config, "run": run},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(name=run, storage_path=ray_storage_path(config.train.out_dir),
-                             failure_config=FailureConfig(max_failures=resources.max_failures)),
-    )
     log.info("run %s: %d worker(s), %s per worker, out_dir %s, up to %d restarts", run, resources.workers,
              per_worker, config.train.out_dir, resources.max_failures)
-    preflight(config, resources.workers)
-    trainer.fit()
+    # One run per out_dir, taken before anything (Ray's run state included) is written there and held
+    # for the whole run and its restarts; the workers do not take it again.
+    with run_lock(config.train.out_dir):
+        preflight(config, resources.workers)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": config, "run": run},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
+                                         resources_per_worker=per_worker),
+            run_config=RunConfig(name=run, storage_path=ray_storage_path(config.train.out_dir),
+                                 failure_config=FailureConfig(max_failures=resources.max_failures)),
+        )
+        trainer.fit()
     return {"run": run, **summarize_run(config.train.out_dir)}
+
+
+def run_lock(out_dir: str):
+    """The driver's lock on out_dir (trainer/run_lock.py); for s3:// on this machine's staging folder of it."""
+    from cluster.storage import is_remote, staging_dir_for
+    from trainer.run_lock import RunLock
+
+    return RunLock(staging_dir_for(out_dir, "driver").parent if is_remote(out_dir) else out_dir)
 
 
 def preflight(config, workers: int) -> None:

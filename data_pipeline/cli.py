@@ -51,6 +51,10 @@ def add_prepare_subcommand(subparsers, synthetic_generator: SyntheticGenerator |
     p.add_argument("--bbox-file", help="celeba: celeba_crop_bbox.txt or list_bbox_celeba.txt")
     p.add_argument("--partition-file", help="celeba with list_bbox_celeba.txt: list_eval_partition.txt")
     p.add_argument("--max-samples", type=int, help="stop after this many samples")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="skip images with more pixels, read from the header before decoding (too_large)")
+    p.add_argument("--min-image-size", type=int,
+                   help="skip crops with a side below this, never upscaled (too_small; default half of --image-size)")
     p.add_argument("--s3-endpoint-url", help="S3 endpoint (default $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", help="S3 region (default $AWS_REGION / $AWS_DEFAULT_REGION)")
     p.add_argument("--num-samples", type=int, default=2000, help="synthetic: images to generate")
@@ -71,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         crop=args.crop if args.crop is not None else preset.get("crop"),
         image_format=args.image_format, jpeg_quality=args.jpeg_quality, bbox_file=args.bbox_file,
         partition_file=args.partition_file, max_samples=args.max_samples,
+        max_image_pixels=args.max_image_pixels, min_image_size=args.min_image_size,
         s3=S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region), retry=RetryConfig())
 
 

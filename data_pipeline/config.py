@@ -23,7 +23,37 @@ WORLD_SIZE_CHANGE_POLICIES = ("error", "restart_epoch")
 
 
 class DataConfigError(ValueError):
-    """A data config value is wrong; the message names the key (and the file when known)."""
+    """A data config value is wrong; the message names the key (and the file when known).
+
+    Raised for one value (`invalid`), it carries key, value and allowed, so that a loader that knows
+    the section path and the file (trainer/config_loading.py, for a run's `stream:` section) can say
+    stream.batch_size instead of batch_size."""
+
+    def __init__(self, message: str, key: str | None = None, value: Any = None, allowed: str | None = None):
+        super().__init__(message)
+        if key is not None:
+            self.key, self.value, self.allowed = key, value, allowed
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    import reprlib
+
+    text = " ".join(reprlib.repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def invalid(key: str, value: Any, allowed: str) -> DataConfigError:
+    """The error for one value outside what its key allows (one line: key, shortened value, what is allowed)."""
+    return DataConfigError(f"{key} = {_short(value)}: {allowed}", key, value, allowed)
+
+
+def _check_finite(obj: Any, name: str, minimum: float, maximum: float | None = None) -> None:
+    import math
+
+    value = getattr(obj, name)
+    if not (math.isfinite(value) and value >= minimum and (maximum is None or value <= maximum)):
+        bounds = f"in [{minimum:g}, {maximum:g}]" if maximum is not None else f">= {minimum:g}"
+        raise invalid(name, value, f"must be a finite number {bounds}")
 
 
 @dataclass
@@ -69,7 +99,9 @@ class RetryConfig:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise DataConfigError(f"retry.max_attempts: must be at least 1, got {self.max_attempts}")
+            raise invalid("max_attempts", self.max_attempts, "must be at least 1")
+        _check_finite(self, "initial_backoff_s", 0.0)
+        _check_finite(self, "max_backoff_s", 0.0)
 
 
 @dataclass
@@ -103,6 +135,11 @@ class PrepareConfig:
     """celeba with the official list_bbox_celeba.txt: the split file; default <input>/list_eval_partition.txt."""
     max_samples: int | None = None
     """Stop after this many samples (quick subsets); None takes all."""
+    max_image_pixels: int = 4096 * 4096
+    """Source images with more pixels (read from the header, before decoding) are skipped: too_large."""
+    min_image_size: int | None = None
+    """Crops whose side is below this are skipped (too_small), not upscaled from a few pixels; None: half
+    the stored image_size (no minimum when the crop's own size is kept)."""
     s3: S3Config = field(default_factory=S3Config)
     """Credentials and endpoint when output is s3://."""
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -110,17 +147,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("folder", "celeba", "synface"):
-            raise DataConfigError(f"source: expected folder, celeba or synface, got {self.source!r}")
+            raise invalid("source", self.source, "must be folder, celeba or synface")
         if self.samples_per_shard < 1:
-            raise DataConfigError(f"samples_per_shard: must be positive, got {self.samples_per_shard}")
+            raise invalid("samples_per_shard", self.samples_per_shard, "must be positive")
         if self.image_format not in ("auto", "jpg", "png"):
-            raise DataConfigError(f"image_format: expected auto, jpg or png, got {self.image_format!r}")
-        for name in ("image_size", "crop", "max_samples"):
+            raise invalid("image_format", self.image_format, "must be auto, jpg or png")
+        if self.max_image_pixels < 1:
+            raise invalid("max_image_pixels", self.max_image_pixels, "must be a positive integer")
+        for name in ("image_size", "crop", "max_samples", "min_image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise DataConfigError(f"{name}: must be positive, got {value}")
+                raise invalid(name, value, "must be positive (or null)")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise invalid("jpeg_quality", self.jpeg_quality, "must be 1..100")
         if not self.category or any(c in self.category for c in "/\\"):
-            raise DataConfigError(f"category: must be a non-empty name without slashes, got {self.category!r}")
+            raise invalid("category", self.category, "must be a non-empty name without slashes")
 
 
 @dataclass
@@ -167,20 +208,23 @@ class LoaderConfig:
     """Credentials and endpoint when shards is s3://."""
 
     def __post_init__(self) -> None:
+        if not self.shards or "\n" in self.shards:
+            raise invalid("shards", self.shards, "must be a folder or s3://bucket/prefix holding manifest.json")
         for name in ("batch_size", "image_size", "num_workers", "prefetch_shards", "prefetch_batches",
                      "dali_threads", "max_image_pixels"):
             if getattr(self, name) < 1:
-                raise DataConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.hflip_probability <= 1.0:
-            raise DataConfigError(f"hflip_probability: must be in [0, 1], got {self.hflip_probability}")
+                raise invalid(name, getattr(self, name), "must be a positive integer")
+        if self.seed < 0:
+            raise invalid("seed", self.seed, "must be an integer >= 0")
+        _check_finite(self, "hflip_probability", 0.0, 1.0)
         if self.decode_device not in DECODE_DEVICES:
-            raise DataConfigError(f"decode_device: expected one of {DECODE_DEVICES}, got {self.decode_device!r}")
+            raise invalid("decode_device", self.decode_device, f"must be one of {', '.join(DECODE_DEVICES)}")
         if self.on_damaged_shard not in DAMAGED_SHARD_POLICIES:
-            raise DataConfigError(
-                f"on_damaged_shard: expected one of {DAMAGED_SHARD_POLICIES}, got {self.on_damaged_shard!r}")
+            raise invalid("on_damaged_shard", self.on_damaged_shard,
+                          f"must be one of {', '.join(DAMAGED_SHARD_POLICIES)}")
         if self.on_world_size_change not in WORLD_SIZE_CHANGE_POLICIES:
-            raise DataConfigError(f"on_world_size_change: expected one of {WORLD_SIZE_CHANGE_POLICIES}, "
-                                  f"got {self.on_world_size_change!r}")
+            raise invalid("on_world_size_change", self.on_world_size_change,
+                          f"must be one of {', '.join(WORLD_SIZE_CHANGE_POLICIES)}")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -196,24 +240,24 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except DataConfigError:
                 pass
-        raise DataConfigError(f"{where}: expected {tp}, got {value!r}")
+        raise DataConfigError(f"{where}: expected {tp}, got {_short(value)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise DataConfigError(f"{where}: expected true or false, got {value!r}")
+            raise DataConfigError(f"{where}: expected true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DataConfigError(f"{where}: expected an integer, got {value!r}")
+            raise DataConfigError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataConfigError(f"{where}: expected a number, got {value!r}")
+            raise DataConfigError(f"{where}: expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise DataConfigError(f"{where}: expected a string, got {value!r}")
+            raise DataConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     raise DataConfigError(f"{where}: unsupported type {tp}")
 
@@ -224,7 +268,7 @@ def from_dict(cls: type[T], data: Any, where: str = "<config>") -> T:
     `where` is the file name (and key path) used in messages, e.g. "configs/celeba.yaml:data".
     """
     if not isinstance(data, dict):
-        raise DataConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise DataConfigError(f"{where}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -234,13 +278,19 @@ def from_dict(cls: type[T], data: Any, where: str = "<config>") -> T:
     try:
         return cls(**kwargs)
     except DataConfigError as error:
+        if hasattr(error, "key"):
+            raise DataConfigError(f"{where}.{error}", f"{where}.{error.key}", error.value, error.allowed) from None
         raise DataConfigError(f"{where}: {error}") from None
     except TypeError as error:  # a required field is missing
         raise DataConfigError(f"{where}: {error}") from None
 
 
 def load_yaml_section(cls: type[T], path: str, section: str | None = None) -> T:
-    """Read `cls` from a YAML file (optionally from one top-level section of it)."""
+    """Read `cls` from a YAML file (optionally from one top-level section of it).
+
+    For data_pipeline used on its own. Run configs are read by trainer/config_loading.py, whose
+    StrictLoader also refuses alias bombs and duplicate keys; this package does not import the trainer,
+    so this reader keeps yaml.safe_load (a known duplication: files here come from the operator)."""
     import yaml
 
     with open(path, encoding="utf-8") as handle:

@@ -97,6 +97,10 @@ class TrainLoader:
         self.with_depth = dataset.has_depth if config.with_depth is None else config.with_depth
         if self.with_depth and not dataset.has_depth:
             raise ValueError(f"{config.shards}: with_depth is set but the manifest says the shards carry no depth")
+        if dataset.image_size and dataset.image_size < config.image_size:
+            log.warning("%s holds %d px images and training is at %d px: every image is upscaled %.1fx (prepare "
+                        "them at --image-size %d, or train at a smaller model.image_size)", config.shards,
+                        dataset.image_size, config.image_size, config.image_size / dataset.image_size, config.image_size)
         self.retry_stats = RetryStats()
         validator = V.SampleValidator(dataset.image_ext, self.with_depth, dataset.image_size, config.max_image_pixels)
         self.stream = RankStream(self.manifest, self.storage, config, rank, world_size, validator, self.retry_stats)

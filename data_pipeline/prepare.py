@@ -32,6 +32,10 @@ GenerateFn = Callable[[Path], None]
 """Writes a synface-layout tree (<root>/<split>/image/*_image.png, <root>/<split>/depth/*_depth.png) under root."""
 
 
+class _TooSmall(ValueError):
+    """A crop below min_image_size: skipped, never upscaled from a few pixels."""
+
+
 def crop_with_replicate(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """array[top:bottom, left:right], where parts outside the image repeat its border pixels."""
     left, top, right, bottom = box
@@ -76,11 +80,21 @@ def _depth_channel0(depth: Image.Image, raw: bytes | None) -> Image.Image:
 
 
 def _source_items(config: PrepareConfig) -> Iterator[SourceSample | SourceProblem]:
+    limit = config.max_image_pixels
     if config.source == "folder":
-        return folder_source(config.input)
+        return folder_source(config.input, limit)
     if config.source == "celeba":
-        return celeba_source(config.input, config.split, config.bbox_file, config.partition_file)
-    return synface_source(config.input, config.split)
+        return celeba_source(config.input, config.split, config.bbox_file, config.partition_file, limit)
+    return synface_source(config.input, config.split, limit)
+
+
+def resolved_min_size(config: PrepareConfig) -> int:
+    """The smallest crop side kept: min_image_size, else half the stored size (no minimum when the crop's own
+    size is kept: nothing is upscaled here then)."""
+    if config.min_image_size is not None:
+        return config.min_image_size
+    size = resolved_image_size(config)
+    return max(1, size // 2) if size is not None else 1
 
 
 def resolved_image_size(config: PrepareConfig) -> int | None:
@@ -102,6 +116,7 @@ def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
         log.warning("%s already holds a dataset: replacing it", config.output)
         storage.remove(MANIFEST_NAME)  # an interrupted prepare then leaves no stale manifest behind
     size = resolved_image_size(config)
+    min_side = resolved_min_size(config)
     fmt = config.image_format if config.image_format != "auto" else ("png" if config.source == "synface" else "jpg")
     has_depth = config.source == "synface"
     writer = ShardWriter(storage, config.samples_per_shard, config.retry)
@@ -126,6 +141,10 @@ def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
                     box = centre_box(rgb.width, rgb.height, config.crop)
                 else:
                     box = (0, 0, rgb.width, rgb.height)
+            side = min(box[2] - box[0], box[3] - box[1])
+            if side < min_side:
+                raise _TooSmall(f"crop of {box[2] - box[0]}x{box[3] - box[1]} px is smaller than {min_side} px "
+                                "(min_image_size): not upscaled")
             image = _crop_resize(rgb, box, size)
             if image.width != image.height:
                 raise ValueError(f"crop is {image.width}x{image.height}, not square: give crop or image_size")
@@ -133,6 +152,10 @@ def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
             if has_depth:
                 depth = _crop_resize(_depth_channel0(item.depth, item.depth_raw), box, size)
                 components["depth.png"] = _encode(depth, "png", 0)
+        except _TooSmall as error:
+            skipped["too_small"] = skipped.get("too_small", 0) + 1
+            log.warning("prepare: skipped %s: too_small: %s", item.name, error)
+            continue
         except ValueError as error:
             reason = "smaller_than_crop" if "smaller than" in str(error) else "bad_geometry"
             skipped[reason] = skipped.get(reason, 0) + 1

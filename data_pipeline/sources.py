@@ -8,6 +8,7 @@ Cropping, resizing and encoding are prepare.py's job.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -56,16 +57,39 @@ def sanitize_key(text: str) -> str:
     return key[:80]
 
 
-def _open_image(path: Path) -> tuple[Image.Image, bytes]:
-    raw = path.read_bytes()
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class TooLarge(ValueError):
+    """An image whose header announces more pixels than allowed; it is never decoded."""
+
+
+def _open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, bytes]:
+    """Read and decode an image, after checking the size in its header (a 445 kB PNG can announce
+    12000 x 12000 pixels, 1.7 GB decoded). The file itself is not read beyond what an uncompressed
+    image at the limit would take."""
     import io
 
-    image = Image.open(io.BytesIO(raw))
+    size = path.stat().st_size
+    if size > max(64 << 20, 4 * max_pixels):
+        raise TooLarge(f"{size} bytes on disk, more than an uncompressed image of {max_pixels} pixels")
+    raw = path.read_bytes()
+    try:
+        with warnings.catch_warnings():  # our own check below replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as error:
+        raise TooLarge(str(error)) from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooLarge(f"{width}x{height} is {width * height} pixels, more than {max_pixels} (max_image_pixels)")
     image.load()
     return image, raw
 
 
 def _problem(name: str, error: Exception) -> SourceProblem:
+    if isinstance(error, TooLarge):
+        return SourceProblem(name, "too_large", str(error))
     text = str(error).lower()
     reason = "truncated_image" if "truncated" in text else "unreadable_image"
     return SourceProblem(name, reason, f"{type(error).__name__}: {error}")
@@ -78,7 +102,7 @@ def image_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def folder_source(root: str | Path) -> Iterator[SourceSample | SourceProblem]:
+def folder_source(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[SourceSample | SourceProblem]:
     """Every image under `root` (a new category: no labels, no boxes)."""
     root = Path(root)
     if not root.is_dir():
@@ -86,7 +110,7 @@ def folder_source(root: str | Path) -> Iterator[SourceSample | SourceProblem]:
     for path in image_files(root):
         name = str(path.relative_to(root))
         try:
-            image, raw = _open_image(path)
+            image, raw = _open_image(path, max_pixels)
         except Exception as error:  # noqa: BLE001 - an unreadable file is reported, not fatal
             yield _problem(name, error)
             continue
@@ -129,8 +153,8 @@ def read_celeba_boxes(bbox_file: Path, partition_file: Path | None) -> list[tupl
     return rows
 
 
-def celeba_source(root: str | Path, split: str, bbox_file: str | None = None,
-                  partition_file: str | None = None) -> Iterator[SourceSample | SourceProblem]:
+def celeba_source(root: str | Path, split: str, bbox_file: str | None = None, partition_file: str | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[SourceSample | SourceProblem]:
     """CelebA in-the-wild images cropped to their bounding boxes (SPEC 5; split train/val/test or all)."""
     root = Path(root)
     image_dir = root / "img_celeba" if (root / "img_celeba").is_dir() else root
@@ -152,7 +176,7 @@ def celeba_source(root: str | Path, split: str, bbox_file: str | None = None,
             yield SourceProblem(name, "bad_bbox", f"box {x},{y},{w},{h}")
             continue
         try:
-            image, raw = _open_image(image_dir / name)
+            image, raw = _open_image(image_dir / name, max_pixels)
         except FileNotFoundError as error:
             yield SourceProblem(name, "missing_file", str(error))
             continue
@@ -163,7 +187,8 @@ def celeba_source(root: str | Path, split: str, bbox_file: str | None = None,
                            meta={"bbox": [x, y, w, h]})
 
 
-def synface_source(root: str | Path, split: str) -> Iterator[SourceSample | SourceProblem]:
+def synface_source(root: str | Path, split: str,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[SourceSample | SourceProblem]:
     """Pairs <root>/<split>/image/<name>_image.png + <root>/<split>/depth/<name>_depth.png (SPEC 6)."""
     split_dir = Path(root) / split
     image_dir, depth_dir = split_dir / "image", split_dir / "depth"
@@ -177,12 +202,12 @@ def synface_source(root: str | Path, split: str) -> Iterator[SourceSample | Sour
             yield SourceProblem(rel, "missing_depth", f"no {split}/depth/{name}_depth.png")
             continue
         try:
-            image, raw = _open_image(path)
+            image, raw = _open_image(path, max_pixels)
         except Exception as error:  # noqa: BLE001
             yield _problem(rel, error)
             continue
         try:
-            depth, depth_raw = _open_image(depth_path)
+            depth, depth_raw = _open_image(depth_path, max_pixels)
         except Exception as error:  # noqa: BLE001
             problem = _problem(f"{split}/depth/{depth_path.name}", error)
             problem.reason = "unreadable_depth"

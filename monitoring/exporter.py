@@ -10,7 +10,9 @@ one per node read by that node's Prometheus (or agent).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import socket
@@ -18,6 +20,8 @@ import threading
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
+
+log = logging.getLogger(__name__)
 
 
 def _advertised_host(bind_address: str) -> str:
@@ -60,13 +64,22 @@ class MetricsExporter:
         self._server, self._thread = start_http_server(self.port, addr=self.bind_address, registry=self.registry)
         self.port = self._server.server_port
         if self.sd_dir is not None:
-            self.sd_dir.mkdir(parents=True, exist_ok=True)
             name = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", v) for v in self.labels.values()) or self.job
-            self.sd_file = self.sd_dir / f"{name}_{socket.gethostname()}_{os.getpid()}_{self.port}.json"
+            sd_file = self.sd_dir / f"{name}_{socket.gethostname()}_{os.getpid()}_{self.port}.json"
             entry = [{"targets": [self.address], "labels": {"job": self.job, **self.labels}}]
-            temporary = self.sd_file.with_suffix(".tmp")  # Prometheus reads *.json only: rename is atomic
-            temporary.write_text(json.dumps(entry, indent=1) + "\n")
-            os.replace(temporary, self.sd_file)
+            temporary = sd_file.with_suffix(".tmp")  # Prometheus reads *.json only: rename is atomic
+            try:
+                self.sd_dir.mkdir(parents=True, exist_ok=True)
+                temporary.write_text(json.dumps(entry, indent=1) + "\n")
+                os.replace(temporary, sd_file)
+                self.sd_file = sd_file
+            except OSError as error:
+                # A full disk (or a read-only sd_dir) must not stop training: serve the metrics without
+                # the announcement, say so once, and leave no partial file for Prometheus to trip on.
+                temporary.unlink(missing_ok=True)
+                reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+                log.warning("cannot write the Prometheus file_sd entry %s (%s): metrics are still served at %s, but "
+                            "Prometheus will not discover them", sd_file, reason, self.url)
         return self
 
     def close(self) -> None:

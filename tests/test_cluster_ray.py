@@ -87,6 +87,6 @@ def test_a_worker_killed_by_pid_restarts_from_the_latest_checkpoint(two_nodes, s
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "step" in json.loads(line) and "total" in json.loads(line)]
-    # the restarted workers went back to a checkpoint, not to the start: the steps after it were logged twice
-    assert logged[-1] == steps and set(logged) == set(range(1, steps + 1))
-    assert logged.count(1) == 1 and len(logged) > len(set(logged))
+    # the restarted workers went back to a checkpoint, not to the start, and the records of the steps
+    # they redid were dropped on resume: every step once
+    assert logged == list(range(1, steps + 1))

@@ -18,6 +18,7 @@ from cluster.cli import main as cli_main
 from trainer.demo import LIGHTS, DemoOptions, load_photo, summary_size
 from trainer.mesh import write_textured_mesh
 from trainer.render.geometry import intrinsics
+from trainer.synface import ImageSizeError
 
 TILE, GIF_FRAMES, YAWS = 64, 6, (-30.0, 0.0, 30.0)
 
@@ -161,7 +162,9 @@ def test_photos_of_any_size_become_model_inputs(tmp_path):
     Image.new("RGB", (300, 120), (255, 0, 0)).save(tmp_path / "wide.png")
     Image.new("L", (17, 40), 0).save(tmp_path / "small_gray.bmp")
     wide = load_photo(tmp_path / "wide.png", 64)
-    gray = load_photo(tmp_path / "small_gray.bmp", 64)
+    with pytest.raises(ImageSizeError, match="too_small"):  # 17 px: below half the model's 64 px by default
+        load_photo(tmp_path / "small_gray.bmp", 64)
+    gray = load_photo(tmp_path / "small_gray.bmp", 64, min_size=16)
     assert wide.shape == gray.shape == (3, 64, 64)
     assert torch.allclose(wide[0], torch.ones(64, 64)) and torch.allclose(gray, -torch.ones(3, 64, 64))
 

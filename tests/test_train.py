@@ -77,6 +77,7 @@ def test_a_checkpoint_of_another_model_config_is_refused(synthetic_root, tmp_pat
     other.model.depth_nf = 16
     with pytest.raises(CheckpointError, match="another model config"):
         train(other)
+    assert "depth_nf: 8" in (tmp_path / "run" / "config.yaml").read_text()  # not the refused run's config
 
 
 def test_cli_train_then_evaluate_reports_model_and_baselines(synthetic_root, tmp_path, capsys):
@@ -124,7 +125,7 @@ def test_evaluate_on_a_folder_written_by_another_tool(synthetic_root, tmp_path, 
         image = Image.open(synthetic_root / "test" / "image" / f"{i:06d}_image.png").convert("RGBA").resize((96, 96))
         image.save(folder / "image" / f"face{i}_image.png")
         depth = Image.open(synthetic_root / "test" / "depth" / f"{i:06d}_depth.png").getchannel(0)
-        depth.save(folder / "depth" / f"face{i}_depth.png")
+        depth.resize((96, 96), Image.NEAREST).save(folder / "depth" / f"face{i}_depth.png")  # its image's size
     (folder / "image" / "broken_image.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     Image.open(synthetic_root / "test" / "depth" / "000000_depth.png").save(folder / "depth" / "broken_depth.png")
     Image.open(synthetic_root / "test" / "image" / "000004_image.png").save(folder / "image" / "lonely_image.png")

@@ -35,14 +35,17 @@ DeepSpeed classes its files hold, and the files are checked against the SHA-256 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
 import os
+import pickle
 import re
 import secrets
 import shutil
 import signal
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +68,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file."""
 
 
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be saved for lack of space; the previous one is intact."""
+
+
+# What torch's zip writer raises when a write comes up short (a full disk), instead of an OSError.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "inline_container")
+# A torch write failure with less free space than this (or than the last checkpoint) is a full disk.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text, shortened (torch's messages run over many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_disk_full(error: BaseException | None, directory: Path) -> bool:
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and any(s in str(error) for s in _TORCH_WRITE_FAILURES):
+            try:
+                free = shutil.disk_usage(directory).free
+            except OSError:
+                return False
+            return free < _LOW_SPACE_BYTES
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -78,13 +114,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """path holds either its old content or `data`, never a part; no temporary file is left on failure."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_atomic_write_bytes = write_atomically
 
 
 def _sha256(path: Path) -> str:
@@ -178,13 +222,33 @@ class CheckpointManager:
         leader = rank == self._leader
         final = self.path_for(step)
         tmp = self.directory / f".tmp_{final.name}"
-        if leader:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-            tmp.mkdir()
-        barrier()
-        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
-        barrier()
+
+        def agree(error: BaseException | None) -> None:
+            """Every rank learns whether any rank failed the phase just done, and all raise together
+            (instead of the others waiting in the next collective for a rank that is gone)."""
+            failures = [f for f in all_gather_object(None if error is None else self._save_error(error, final))
+                        if f is not None]
+            if failures:
+                if leader:
+                    self._remove_partial(tmp, final)
+                if error is not None:
+                    raise failures[0] from error
+                raise failures[0]
+
+        error = None
+        try:
+            if leader:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+                tmp.mkdir()
+        except (OSError, RuntimeError) as caught:
+            error = caught
+        agree(error)
+        try:
+            ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        except (OSError, RuntimeError) as caught:  # disk full: torch's writer raises RuntimeError ("unexpected pos")
+            error = caught
+        agree(error)
         if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
             log.warning("fault injection: killing rank %d in the middle of saving step %d", rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -193,26 +257,36 @@ class CheckpointManager:
         for part in all_gather_object(_ds_file_hashes(tmp) if leader else {}):
             ds_files.update(part)
         state_bytes = None
-        if rank == 0:
-            state = {**shared, "format_version": FORMAT_VERSION, "step": step,
-                     "ranks": {str(r): s for r, s in enumerate(per_rank)}, "world_size": len(per_rank),
-                     "ds_files": ds_files}
-            torch.save({"model": model_state, "step": step, "config_yaml": shared.get("config_yaml")}, tmp / MODEL_FILE)
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            state_bytes = buffer.getvalue()
+        try:
+            if rank == 0:
+                state = {**shared, "format_version": FORMAT_VERSION, "step": step,
+                         "ranks": {str(r): s for r, s in enumerate(per_rank)}, "world_size": len(per_rank),
+                         "ds_files": ds_files}
+                torch.save({"model": model_state, "step": step, "config_yaml": shared.get("config_yaml")},
+                           tmp / MODEL_FILE)
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                state_bytes = buffer.getvalue()
+        except (OSError, RuntimeError) as caught:
+            error = caught
+        agree(error)
         state_bytes = broadcast_object(state_bytes)  # the same state.pt in every directory
+        try:
+            if leader:
+                (tmp / STATE_FILE).write_bytes(state_bytes)
+                for path in tmp.rglob("*"):
+                    if path.is_file():
+                        _fsync_file(path)
+                _fsync_dir(tmp)
+                if final.exists():  # the same step saved again after a rollback
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.directory)
+                write_atomically(self.directory / "latest", final.name.encode())
+        except (OSError, RuntimeError) as caught:
+            error = caught
+        agree(error)
         if leader:
-            (tmp / STATE_FILE).write_bytes(state_bytes)
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    _fsync_file(path)
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved again after a rollback
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.directory)
-            _atomic_write_bytes(self.directory / "latest", final.name.encode())
             self._prune()
             if self.after_save is not None:
                 self.after_save.directory_saved(final)
@@ -221,6 +295,24 @@ class CheckpointManager:
             self.after_save.checkpoint_saved(final)
         return final
 
+    def _remove_partial(self, tmp: Path, final: Path) -> None:
+        """After a failed save: no temporary files, and no step folder that `latest` does not name."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        (self.directory / "latest.tmp").unlink(missing_ok=True)
+        pointer = self.directory / "latest"
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        if final.exists() and named != final.name:
+            shutil.rmtree(final, ignore_errors=True)
+
+    def _save_error(self, error: BaseException, final: Path) -> CheckpointError:
+        """One line a user can act on: 'no space left on <path>' when the disk is full, else what failed."""
+        if _is_disk_full(error, self.directory):
+            previous = self.latest()
+            kept = f"; the previous checkpoint {previous.name} is intact" if previous is not None else ""
+            return DiskFullError(f"no space left on {self.directory}: checkpoint {final.name} was not saved{kept} "
+                                 "(free space, or use a train.out_dir with room, and run the same command again)")
+        return CheckpointError(f"cannot write checkpoint {final}: {one_line(error)}")
+
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -228,13 +320,24 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def describe_load_error(path, error: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line. A file holding pickled objects
+    other than tensors and plain data holds code: it is refused, and nothing suggests a way around."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (f"{path} holds pickled Python objects other than tensors and plain data, i.e. code, and will not be "
+                "loaded (only files written by unsup3d and torch.save of tensors are read)")
+    return f"cannot read {path}: {one_line(error)}"
+
+
 def _load_weights_only(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign file's pickle protocol: the refusal below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(describe_load_error(path, error)) from error
 
 
 def read_state(checkpoint_dir: Path) -> dict:
@@ -278,7 +381,7 @@ def install_safe_deepspeed_loader(ds_engine) -> None:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:
-            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path} safely: {error}") from error
+            raise CheckpointError(describe_load_error(path, error)) from error
 
     ds_engine.checkpoint_engine.load = load
 

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from trainer.config_loading import ConfigError, load_yaml_config, to_dict
+from trainer.config_loading import (ConfigError, check_choice, check_float, check_int, check_name, load_yaml_config,
+                                    require, to_dict)
 from trainer.perceptual import PerceptualConfig
+
+
+IMAGE_SIZES = (64, 128, 256, 512, 1024)
+"""What the nets support: a power of two >= 64 (one extra stride-2 stage per doubling); 1024 bounds memory."""
+MAX_WIDTH = 4096
+"""Upper bound of every net width and bottleneck: far above any recipe, far below an accidental 1e9."""
+
+
+def _check_group_norm_width(section, name: str) -> None:
+    """EncDec widths go through GroupNorm(width // 4 groups) at width, 2x, 4x and 8x: a multiple of 4 divides."""
+    value = getattr(section, name)
+    require(isinstance(value, int) and not isinstance(value, bool) and 4 <= value <= MAX_WIDTH // 8
+            and value % 4 == 0, name, value, f"must be a positive multiple of 4 up to {MAX_WIDTH // 8} "
+            "(the nets' GroupNorm uses width/4 groups; the widest layer is 8 x this)")
 
 
 @dataclass
@@ -77,12 +93,24 @@ class ModelConfig:
     of iterations, a small convex bias breaks it at once (see BENCHMARKS.md, issue 2 item 9)."""
 
     def __post_init__(self):
-        if self.min_depth >= self.max_depth:
-            raise ValueError(f"min_depth ({self.min_depth}) must be below max_depth ({self.max_depth})")
-        if self.supersample not in (1, 2):
-            raise ValueError(f"supersample must be 1 or 2, got {self.supersample}")
-        if self.depth_prior < 0:
-            raise ValueError(f"depth_prior must be >= 0 (a convex bump), got {self.depth_prior}")
+        require(self.image_size in IMAGE_SIZES, "image_size", self.image_size,
+                f"must be one of {', '.join(map(str, IMAGE_SIZES))} (a power of two >= 64: what the nets support)")
+        for name in ("depth_nf", "albedo_nf", "conf_nf"):
+            _check_group_norm_width(self, name)
+        for name in ("depth_zdim", "albedo_zdim", "conf_zdim"):
+            check_int(self, name, 1, MAX_WIDTH)
+        for name in ("light_nf", "view_nf"):
+            check_int(self, name, 1, MAX_WIDTH // 8)
+        check_float(self, "min_depth", 0.0, strict_minimum=True)
+        check_float(self, "max_depth", 0.0, strict_minimum=True)
+        require(self.min_depth < self.max_depth, "min_depth", self.min_depth,
+                f"must be below max_depth ({self.max_depth:g})")
+        check_float(self, "border_depth", 0.0, strict_minimum=True, optional=True)
+        check_float(self, "max_rotation_degrees", 0.0, 180.0)
+        for name in ("xy_translation", "z_translation", "depth_init_scale", "view_init_scale"):
+            check_float(self, name, 0.0)
+        check_choice(self, "supersample", (1, 2))
+        check_float(self, "depth_prior", 0.0)
 
     @property
     def resolved_border_depth(self) -> float:
@@ -106,6 +134,12 @@ class LossConfig:
     lam_flip_warmup_epochs: int = 0
     """Number of epochs lam_flip_warmup applies to."""
 
+    def __post_init__(self):
+        for name in ("lam_flip", "lam_perc", "lam_smooth"):
+            check_float(self, name, 0.0)
+        check_float(self, "lam_flip_warmup", 0.0, optional=True)
+        check_int(self, "lam_flip_warmup_epochs", 0)
+
     def lam_flip_at(self, epoch: int) -> float:
         if self.lam_flip_warmup is not None and epoch < self.lam_flip_warmup_epochs:
             return self.lam_flip_warmup
@@ -122,6 +156,13 @@ class OptimizerConfig:
     """Adam betas."""
     weight_decay: float = 5e-4
     """L2 weight decay (torch Adam's, as the reference)."""
+
+    def __post_init__(self):
+        check_float(self, "lr", 0.0, strict_minimum=True)
+        for i, beta in enumerate(self.betas):
+            require(isinstance(beta, (int, float)) and 0.0 <= beta < 1.0, f"betas[{i}]", beta,
+                    "must be in [0, 1) (Adam's moment decay)")
+        check_float(self, "weight_decay", 0.0)
 
 
 @dataclass
@@ -149,12 +190,13 @@ class SyntheticDataConfig:
     BFM faces of the reference's synface set)."""
 
     def __post_init__(self):
-        allowed = {"faces": ("varied", "black"), "blobs": ("noise", "plain", "black")}
-        if self.kind not in allowed:
-            raise ValueError(f"generate_if_missing.kind must be one of {sorted(allowed)}, got {self.kind!r}")
-        if self.background not in allowed[self.kind]:
-            raise ValueError(f"generate_if_missing.background for kind {self.kind} must be one of "
-                             f"{allowed[self.kind]}, got {self.background!r}")
+        check_choice(self, "kind", ("faces", "blobs"))
+        check_int(self, "num_train", 1)
+        check_int(self, "num_val", 0)
+        check_int(self, "num_test", 0)
+        check_int(self, "seed", 0, 2**32 - 1)
+        check_choice(self, "background", ("varied", "black") if self.kind == "faces" else ("noise", "plain", "black"))
+        check_choice(self, "albedo_hues", ("any", "skin"))
 
 
 @dataclass
@@ -171,6 +213,20 @@ class DataConfig:
     """Random horizontal flip, the reference's only augmentation."""
     generate_if_missing: SyntheticDataConfig | None = None
     """When set and root does not exist, generate synthetic data there first."""
+    max_image_pixels: int = 4096 * 4096
+    """Images with more pixels (read from the file header, before decoding) are skipped and counted."""
+    min_image_size: int | None = None
+    """Images whose shorter side is below this are skipped and counted, never upscaled from a few pixels;
+    None: half of model.image_size."""
+
+    def __post_init__(self):
+        check_name(self, "root")
+        check_name(self, "split")
+        check_int(self, "batch_size", 1, 1 << 16)
+        check_float(self, "hflip_probability", 0.0, 1.0)
+        check_int(self, "max_image_pixels", 1)
+        if self.min_image_size is not None:
+            check_int(self, "min_image_size", 1)
 
 
 def check_eval_settings(eval_every: int | None, eval_images: int) -> None:
@@ -226,9 +282,22 @@ class TrainConfig:
     """Resume from a checkpoint whose model section differs from this run's (normally refused)."""
 
     def __post_init__(self):
-        if self.autocast_dtype not in ("none", "bf16", "fp16"):
-            raise ValueError(f"autocast_dtype must be none, bf16 or fp16, got {self.autocast_dtype!r}")
-        check_eval_settings(self.eval_every, self.eval_images)
+        check_name(self, "out_dir")
+        check_int(self, "seed", 0, 2**32 - 1)
+        check_int(self, "epochs", 1)
+        if self.max_steps is not None:
+            check_int(self, "max_steps", 0)  # 0: no step; saves the initial weights as step 0 (an untrained baseline)
+        check_int(self, "checkpoint_every", 1)
+        check_int(self, "keep_checkpoints", 1)
+        check_int(self, "log_every", 1)
+        check_int(self, "visualize_every", 0)
+        check_int(self, "visualize_count", 1, 256)
+        require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        check_choice(self, "autocast_dtype", ("none", "bf16", "fp16"))
+        if self.eval_every is not None:
+            check_int(self, "eval_every", 0)  # 0 or null: no validation
+        check_int(self, "eval_images", 1)
 
 
 @dataclass
@@ -258,18 +327,14 @@ class EngineConfig:
     """A run that needs more rollbacks than this stops with an error."""
 
     def __post_init__(self):
-        for name, value, allowed in (("precision", self.precision, ("fp32", "bf16", "fp16")),
-                                     ("mixed_precision", self.mixed_precision, ("autocast", "deepspeed")),
-                                     ("zero_stage", self.zero_stage, (0, 1, 2)),
-                                     ("optimizer", self.optimizer, ("torch", "deepspeed"))):
-            if value not in allowed:
-                raise ValueError(f"engine.{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"engine.gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}")
-        if self.gradient_clipping < 0:
-            raise ValueError(f"engine.gradient_clipping must be >= 0, got {self.gradient_clipping}")
-        if self.max_nonfinite_steps < 1 or self.max_rollbacks < 0:
-            raise ValueError("engine.max_nonfinite_steps must be >= 1 and engine.max_rollbacks >= 0")
+        check_choice(self, "precision", ("fp32", "bf16", "fp16"))
+        check_choice(self, "mixed_precision", ("autocast", "deepspeed"))
+        check_choice(self, "zero_stage", (0, 1, 2))
+        check_choice(self, "optimizer", ("torch", "deepspeed"))
+        check_int(self, "gradient_accumulation_steps", 1)
+        check_float(self, "gradient_clipping", 0.0)
+        check_int(self, "max_nonfinite_steps", 1)
+        check_int(self, "max_rollbacks", 0)
 
 
 @dataclass
@@ -298,8 +363,9 @@ class MonitoringConfig:
     """Peak TFLOP/s for MFU; None: look the GPU up in monitoring/mfu.py (no MFU on CPU unless set)."""
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"monitoring.port must be 0..65535, got {self.port}")
+        check_int(self, "port", 0, 65535)
+        check_name(self, "bind_address")
+        check_float(self, "peak_tflops", 0.0, strict_minimum=True, optional=True)
 
 
 @dataclass
@@ -324,6 +390,9 @@ class RunConfig:
     """DeepSpeed engine: precision, ZeRO, accumulation, clipping."""
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     """Prometheus metrics and the progress bar."""
+
+    def __post_init__(self):
+        check_name(self, "category")
 
 
 def load_run_config(path: str | Path) -> RunConfig:

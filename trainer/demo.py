@@ -30,6 +30,7 @@ from PIL import Image
 from trainer import visualize as vis
 from trainer.mesh import write_textured_mesh
 from trainer.render.geometry import intrinsics
+from trainer.synface import DEFAULT_MAX_PIXELS, ImageSizeError, default_min_size, open_image_quietly, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ class DemoOptions:
     gif_frame_ms: int = 60
     batch_size: int = 16
     lights: tuple[tuple[str, float, float], ...] = LIGHTS
+    max_image_pixels: int = 4096 * 4096
+    """Inputs with more pixels (read from the header, before decoding) are skipped (too_large)."""
+    min_image_size: int | None = None
+    """Inputs whose shorter side is below this are skipped (too_small); None: half the model's resolution."""
 
     def __post_init__(self):
-        for name in ("tile", "gif_frames", "gif_frame_ms", "batch_size"):
+        for name in ("tile", "gif_frames", "gif_frame_ms", "batch_size", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be at least 1, got {getattr(self, name)}")
         if not self.yaws:
@@ -78,9 +83,13 @@ def gif_yaws(options: DemoOptions) -> list[float]:
     return [options.gif_max_yaw * math.sin(2 * math.pi * i / n + phase) for i in range(n)]
 
 
-def load_photo(path: Path, size: int) -> torch.Tensor:
-    """Any image file -> [3, size, size] in [-1, 1]: RGB, centre-cropped to a square, Lanczos-resized."""
-    with Image.open(path) as img:
+def load_photo(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> torch.Tensor:
+    """Any image file -> [3, size, size] in [-1, 1]: RGB, centre-cropped to a square, Lanczos-resized.
+    Its size is read from the header first: ImageSizeError (too_large, too_small) before any decoding."""
+    with open_image_quietly(path) as img:
+        problem = size_problem(img.size, max_pixels, default_min_size(size) if min_size is None else min_size)
+        if problem is not None:
+            raise ImageSizeError(problem[0], f"{problem[0]}: {problem[1]}")
         img.seek(0)  # first frame of animations and multi-page files
         img = img.convert("RGB")
     w, h = img.size
@@ -238,15 +247,21 @@ def run_demo(checkpoint: str, input_path: str, out_dir: str, device: str = "auto
 
     paths = list_inputs(Path(input_path))
     names = _output_names(paths)
-    loaded, skipped = [], {}
+    loaded, skipped, skipped_by_reason = [], {}, {}
     for name, path in zip(names, paths):
         try:
-            loaded.append((name, path, load_photo(path, size)))
+            loaded.append((name, path, load_photo(path, size, options.max_image_pixels, options.min_image_size)))
+        except ImageSizeError as error:
+            log.warning("demo: skipping %s: %s", path, error)
+            skipped[str(path)] = str(error)
+            skipped_by_reason[error.reason] = skipped_by_reason.get(error.reason, 0) + 1
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             log.warning("demo: skipping unreadable image %s: %s", path, error)
             skipped[str(path)] = str(error)
+            skipped_by_reason["unreadable_image"] = skipped_by_reason.get("unreadable_image", 0) + 1
     if not loaded:
-        raise ValueError(f"no readable images in {input_path} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise ValueError(f"no readable images in {input_path} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}; "
+                         f"skipped: {skipped_by_reason or 'none'})")
 
     results = {}
     for start in range(0, len(loaded), options.batch_size):
@@ -265,6 +280,7 @@ def run_demo(checkpoint: str, input_path: str, out_dir: str, device: str = "auto
         "image_size": size,
         "images": len(results),
         "skipped": skipped,
+        "skipped_by_reason": skipped_by_reason,
         "options": asdict(options),
         "seconds": round(time.perf_counter() - started, 3),
         "outputs": results,

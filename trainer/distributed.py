@@ -1,5 +1,6 @@
 """The process group the trainer runs on: whatever a launcher (torchrun, the DeepSpeed launcher,
-Ray Train) set up, or a single local process when nothing did.
+Ray Train) set up, or a single local process when nothing did (torch's in-process "fake" backend:
+no port; see _init_world_of_one).
 
 Launchers describe the group in RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With
 none of them set (a laptop, a test) this is a world of one on 127.0.0.1. DeepSpeed needs those
@@ -71,12 +72,63 @@ def init_process_group(device_type: str, timeout_s: float = 1800.0) -> ProcessGr
         torch.cuda.set_device(local_rank)
     kwargs = {"timeout": timedelta(seconds=timeout_s)}
     if world == 1:
-        # A world of one needs no rendezvous: an in-memory store binds no port.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        backend = _init_world_of_one(backend, kwargs)
     else:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
     log.info("process group: rank %d of %d (local rank %d), backend %s", rank, world, local_rank, backend)
     return ProcessGroup(rank, world, local_rank, backend, created_here=True)
+
+
+def _init_world_of_one(backend: str, kwargs: dict) -> str:
+    """A process group of one process that opens no port.
+
+    A world of one needs no rendezvous (an in-memory HashStore), but gloo and NCCL still open a TCP
+    listener for every group (DeepSpeed adds groups of its own), on a machine where nothing should
+    listen. torch's "fake" backend communicates with nobody, and for one rank that is exact: its
+    collectives copy each input to the outputs (all-gather, reduce-scatter) or leave it as it is
+    (all-reduce, broadcast), which is what a group of one computes. Older torch versions whose fake
+    collectives leave outputs untouched fail the check below, and then gloo (or NCCL) is used.
+
+    UNSUP3D_WORLD_OF_ONE_BACKEND: "auto" (default) uses it on CPU and keeps NCCL on CUDA (DeepSpeed on a
+    GPU with this backend has not been run: no GPU where this was written); "local" uses it on CUDA too;
+    "real" never.
+    """
+    choice = os.environ.get("UNSUP3D_WORLD_OF_ONE_BACKEND", "auto")
+    wanted = choice == "local" or (choice == "auto" and backend == "gloo")
+    if wanted and _register_fake_backend():
+        dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        if _exact_for_one_rank():
+            log.debug("world of one: torch's in-process 'fake' backend (no port); collectives are exact for one rank")
+            return "fake"
+        log.warning("this torch's in-process backend does not copy collective results: using %s, which opens a "
+                    "port on 127.0.0.1", backend)
+        dist.destroy_process_group()
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    return backend
+
+
+def _register_fake_backend() -> bool:
+    """torch registers the creator of its "fake" backend in this module (torch >= 2.1); False without it."""
+    try:
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or changed in this torch version: use the real backend
+        return False
+    return True
+
+
+def _exact_for_one_rank() -> bool:
+    """The collectives DeepSpeed uses give the one-rank results."""
+    import warnings
+
+    x = torch.arange(4, dtype=torch.float32)
+    gathered, scattered, listed, reduced = torch.zeros(4), torch.zeros(4), [torch.zeros(4)], x.clone()
+    with warnings.catch_warnings():  # newer torch renames two of these; the check is about results only
+        warnings.simplefilter("ignore")
+        dist.all_gather_into_tensor(gathered, x)
+        dist.reduce_scatter_tensor(scattered, x)
+        dist.all_gather(listed, x)
+        dist.all_reduce(reduced)
+    return all(torch.equal(t, x) for t in (gathered, scattered, listed[0], reduced))
 
 
 def barrier() -> None:

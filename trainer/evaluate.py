@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint, one_line
 from trainer.config import ModelConfig
-from trainer.config_loading import from_dict
+from trainer.config_loading import ConfigError, from_dict, parse_yaml
 from trainer.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
 from trainer.model import Unsup3D
 from trainer.render.geometry import intrinsics
-from trainer.synface import SynfaceFolder
+from trainer.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +39,47 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Unsup3D, M
         if key not in state:
             raise CheckpointError(f"{checkpoint} has no '{key}' entry: not a checkpoint written by unsup3d train")
     # Only the model section matters here; the rest may hold sections of other packages.
-    model_config = from_dict(ModelConfig, yaml.safe_load(state["config_yaml"]).get("model"), "model")
+    stored = parse_yaml(state["config_yaml"], f"{checkpoint} (its config)")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{checkpoint}: its stored config is not a mapping")
+    try:
+        model_config = from_dict(ModelConfig, stored.get("model"), "model")
+    except ConfigError as error:
+        raise CheckpointError(f"{checkpoint}: its stored model config is unusable: {error}") from error
     model = Unsup3D(model_config).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes "
+                              f"({weights_mismatch(model.state_dict(), state['model'], error)})") from error
     model.eval()
     return model, model_config, int(state.get("step", 0))
 
 
-def average_training_depth(data_dir: Path, image_size: int, on_error: str) -> torch.Tensor | None:
+def weights_mismatch(expected: dict, found, error: BaseException) -> str:
+    """The first difference between a model's state dict and a checkpoint's, and how many there are."""
+    if not isinstance(found, dict):
+        return f"the weights are a {type(found).__name__}, not a state dict"
+    problems = []
+    for key, value in expected.items():
+        other = found.get(key)
+        if other is None:
+            problems.append(f"missing {key}")
+        elif not isinstance(other, torch.Tensor) or other.shape != value.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            problems.append(f"{key} is {shape} in the checkpoint, {tuple(value.shape)} in the model")
+    problems += [f"unexpected {key}" for key in found if key not in expected]
+    if not problems:
+        return one_line(error)
+    more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def average_training_depth(data_dir: Path, image_size: int, on_error: str, **limits) -> torch.Tensor | None:
     train_dir = data_dir / "train"
     if not train_dir.is_dir():
         return None
-    folder = SynfaceFolder(str(data_dir), "train", image_size=image_size, on_error=on_error)
+    folder = SynfaceFolder(str(data_dir), "train", image_size=image_size, on_error=on_error, **limits)
     total, count = torch.zeros(image_size, image_size), 0
     for batch in folder.batches(256):
         total += batch["depth"].sum(0)
@@ -178,27 +206,31 @@ def resolve_device(device: str) -> torch.device:
 @torch.no_grad()
 def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
                       on_error: str = "skip", worst: int = 8, images: int | None = None,
-                      average_depths: dict | None = None) -> tuple[dict, PerImage, list[WorstCase]]:
+                      average_depths: dict | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                      min_image_size: int | None = None) -> tuple[dict, PerImage, list[WorstCase]]:
     """(the JSON-ready summary of evaluate, every image's values, the `worst` images by model SIDE).
 
     images: evaluate only that many of the split's pairs, evenly spaced by name (fixed_subset: the
     same choice as the training loop's validation); None: all. average_depths: a cache {image size:
     average training depth or None} filled here when the size is missing, so that scoring several
-    checkpoints reads the training split once.
+    checkpoints reads the training split once. Images above max_image_pixels or below
+    min_image_size (default half the model's resolution) and depth maps of another size than their
+    image are skipped and counted (or raise with on_error="raise").
     """
     torch_device = resolve_device(device)
     model, model_config, step = load_model(checkpoint, torch_device)
     size = model_config.image_size
     data_dir = Path(data)
-    folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error)
+    limits = {"max_pixels": max_image_pixels, "min_size": min_image_size}
+    folder = SynfaceFolder(str(data_dir), split, image_size=size, on_error=on_error, **limits)
     if len(folder) == 0:
-        raise ValueError(f"{data_dir / split} holds no image/depth pairs")
+        raise ValueError(f"{data_dir / split} holds no usable image/depth pairs (skipped: {dict(folder.skipped) or 'none'})")
     available = len(folder)
     folder.select(fixed_subset(available, images))
     K = intrinsics(size, dtype=torch.float64)
     average_depths = {} if average_depths is None else average_depths
     if size not in average_depths:
-        average_depths[size] = average_training_depth(data_dir, size, on_error)
+        average_depths[size] = average_training_depth(data_dir, size, on_error, **limits)
     average_depth = average_depths[size]
 
     names = METHODS
@@ -234,6 +266,7 @@ def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_siz
         "split": split,
         "images": count,
         "skipped": dict(folder.skipped),
+        "upscaled": folder.upscaled,
         "notes": {
             "side_x1e-2": "scale-invariant depth error x 1e-2, per image then mean and std over images",
             "mad_deg_reference": "mean angle deviation of normals normalised as n/(|n|+1e-7) like the reference (the paper's numbers)",
@@ -260,7 +293,8 @@ def _reconstruction(model, out, batch: int) -> torch.Tensor:
 
 def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
              on_error: str = "skip", report_dir: str | Path | None = None, worst: int = 8,
-             images: int | None = None) -> dict:
+             images: int | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+             min_image_size: int | None = None) -> dict:
     """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops.
 
     report_dir: also write the human report there (trainer.report; "auto" = default_report_dir);
@@ -268,7 +302,9 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
     images: only that many pairs, evenly spaced by name (fixed_subset); None: the whole split.
     """
     results, per_image, worst_cases = evaluate_detailed(checkpoint, data, split, batch_size, device, on_error,
-                                                        worst if report_dir is not None else 0, images=images)
+                                                        worst if report_dir is not None else 0, images=images,
+                                                        max_image_pixels=max_image_pixels,
+                                                        min_image_size=min_image_size)
     add_truth_correlation(results, checkpoint, data, split, batch_size, device)
     if report_dir is not None:
         from trainer.report import write_report

@@ -8,11 +8,14 @@ shuffles with a seeded permutation per epoch and flips horizontally at random, a
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
 
-from trainer.synface import SynfaceFolder
+from trainer.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
+
+logger = logging.getLogger(__name__)
 
 
 class FolderBatches:
@@ -29,8 +32,18 @@ class FolderBatches:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int | None = None,
     ):
-        folder = SynfaceFolder(root, split, image_size=image_size)
+        # Unreadable files, images outside the size limits and depth maps of another size are skipped,
+        # each logged with its path, and counted here (the streaming loader skips damaged input too).
+        folder = SynfaceFolder(root, split, image_size=image_size, on_error="skip", max_pixels=max_pixels,
+                               min_size=min_size)
+        self.skipped = dict(folder.skipped)
+        if self.skipped:
+            logger.warning("%s/%s: %d files skipped (%s); training on the other %d", root, split,
+                           sum(self.skipped.values()), ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())),
+                           len(folder))
         if len(folder) < batch_size * world_size:
             raise ValueError(
                 f"{root}/{split} holds {len(folder)} images, fewer than one batch of {batch_size} (data.batch_size)"

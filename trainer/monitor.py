@@ -96,7 +96,8 @@ class TrainMonitor:
                                         labels=self.metrics.labels, advertise_address=cfg.advertise_address).start()
         log.info("rank %d metrics at %s (Prometheus file_sd entry %s)", group.rank, self.exporter.url, self.exporter.sd_file)
         if self.local and group.is_main:
-            print(f"metrics: {self.exporter.url} (Prometheus file_sd: {self.exporter.sd_file})", file=sys.stderr, flush=True)
+            sd = self.exporter.sd_file or "not written, see the warning above"
+            print(f"metrics: {self.exporter.url} (Prometheus file_sd: {sd})", file=sys.stderr, flush=True)
         precision = config.engine.precision
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._peak = peak_flops(name, precision, cfg.peak_tflops)

@@ -70,10 +70,11 @@ class PerceptualConfig:
     ignored), loaded with torch.load(weights_only=True). Required for backbone "vgg16_file"."""
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"perceptual.backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}")
-        if self.backbone == "vgg16_file" and not self.vgg16_path:
-            raise ValueError('perceptual.vgg16_path is required when perceptual.backbone is "vgg16_file"')
+        from trainer.config_loading import check_choice, require
+
+        check_choice(self, "backbone", BACKBONES)
+        require(self.backbone != "vgg16_file" or bool(self.vgg16_path), "vgg16_path", self.vgg16_path,
+                'is required when backbone is "vgg16_file"')
 
 
 class PerceptualNet(nn.Module):
@@ -154,9 +155,9 @@ def _load_tensor_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types (IndexError, KeyError, ...) on junk
-        raise PerceptualWeightsError(
-            f"{path}: not a torch state dict of plain tensors (torch.load with weights_only=True failed: {err})"
-        ) from err
+        from trainer.checkpoint import describe_load_error
+
+        raise PerceptualWeightsError(f"not a torch state dict of plain tensors: {describe_load_error(path, err)}") from err
     if not isinstance(state, dict):
         raise PerceptualWeightsError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
     return state

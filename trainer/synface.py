@@ -16,6 +16,7 @@ the far background into the face's silhouette and invent depths nobody measured.
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +38,55 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.
 
 class SynfaceError(RuntimeError):
     """A synface folder or file cannot be used; the message names the path."""
+
+
+class ImageSizeError(SynfaceError):
+    """An image refused for its size, read from its header before decoding; `reason` is too_large or too_small."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Images with more pixels are refused before decoding (a 12000 x 12000 PNG of 445 kB decodes to 1.7 GB)."""
+
+
+def default_min_size(image_size: int) -> int:
+    """The smallest side accepted by default: half the resolution the image is resized to (at most 2x upscaling)."""
+    return max(1, image_size // 2)
+
+
+def size_problem(size: tuple[int, int], max_pixels: int, min_size: int) -> tuple[str, str] | None:
+    """(reason, detail) when an image of `size` (width, height) is outside the limits, else None."""
+    width, height = size
+    if width * height > max_pixels:
+        return "too_large", f"{width}x{height} is {width * height} pixels, more than {max_pixels} (max_image_pixels)"
+    if min(width, height) < min_size:
+        return "too_small", f"{width}x{height} is smaller than {min_size} px (min_image_size): not upscaled"
+    return None
+
+
+def open_image_quietly(path) -> Image.Image:
+    """Image.open (header only) without PIL's decompression-bomb warning, which our own size check replaces;
+    an image past PIL's hard limit (2 x MAX_IMAGE_PIXELS) is ImageSizeError too_large, like ours."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageSizeError("too_large", f"{path}: {err}") from err
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding; None when it cannot be read."""
+    try:
+        with open_image_quietly(path) as img:
+            return img.size
+    except ImageSizeError:
+        raise
+    except _DECODE_ERRORS:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,12 +126,18 @@ def _is_16_bit(img: Image.Image) -> bool:
     return img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _read_png(path: Path) -> Image.Image:
-    """Open and fully decode (so truncation shows here, not later); raises SynfaceError naming the file."""
+def _read_png(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> Image.Image:
+    """Open, check the size in the header, then fully decode (so truncation shows here, not later);
+    raises ImageSizeError or SynfaceError naming the file."""
     try:
-        with Image.open(path) as img:
+        with open_image_quietly(path) as img:
+            problem = size_problem(img.size, max_pixels, min_size)
+            if problem is not None:
+                raise ImageSizeError(problem[0], f"{path}: {problem[1]}")
             img.load()
             return img.copy()
+    except ImageSizeError:
+        raise
     except _DECODE_ERRORS as err:
         raise SynfaceError(f"unreadable PNG {path}: {err}") from err
 
@@ -94,18 +150,19 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """An image PNG as float32 [3, S, S] in [-1, 1]."""
-    img = _to_rgb8(_read_png(path))
+def load_image(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> torch.Tensor:
+    """An image PNG as float32 [3, S, S] in [-1, 1]; refused (ImageSizeError) above max_pixels or with a side
+    below min_size (default: half of image_size)."""
+    img = _to_rgb8(_read_png(path, max_pixels, default_min_size(image_size) if min_size is None else min_size))
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return (a.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
 
 
-def load_depth(path: Path, image_size: int) -> torch.Tensor:
+def load_depth(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A depth PNG as float32 [S, S]; channel 0 of 8- or 16-bit PNGs, resized nearest."""
-    img = _read_png(path)
+    img = _read_png(path, max_pixels)
     if _is_16_bit(img):
         a, max_value = np.asarray(img).astype(np.float64), 65535.0
     else:
@@ -166,20 +223,57 @@ class SynfaceFolder:
     path and counted in self.skipped ({reason: count}); to find corrupt files this decodes every pair
     once, which costs about a second per 10k pairs at 64 px.
     load_depth=False reads images only (no depth folder needed; items then have no "depth").
+
+    Sizes are read from each file's header before anything is decoded: an image of more than
+    max_pixels pixels (too_large), one whose shorter side is below min_size (too_small; default half
+    of image_size, so nothing is upscaled more than 2x) and a depth map whose size differs from its
+    image's (depth_size_mismatch) are refused like a missing partner. `upscaled` counts the images
+    accepted below image_size.
     """
 
-    def __init__(self, root, split: str, image_size: int = 64, on_error: str = "raise", load_depth: bool = True):
+    def __init__(self, root, split: str, image_size: int = 64, on_error: str = "raise", load_depth: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
         self.root, self.split = Path(root), split
         self.image_size, self.on_error, self.load_depth = int(image_size), on_error, load_depth
+        self.max_pixels = int(max_pixels)
+        self.min_size = default_min_size(self.image_size) if min_size is None else int(min_size)
         self.skipped: Counter = Counter()
+        self.upscaled = 0
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise SynfaceError(f"synface split folder not found: {split_dir}")
-        self.pairs = self._pair(split_dir)
+        self.pairs = [pair for pair in self._pair(split_dir) if self._sizes_fit(pair)]
         if on_error == "skip":
             self.pairs = [pair for pair in self.pairs if self._readable(pair)]
+        if self.upscaled:
+            logger.warning("synface: %d images of %s are smaller than %d px and are upscaled", self.upscaled,
+                           split_dir / "image", self.image_size)
+
+    def _sizes_fit(self, pair) -> bool:
+        """Header checks (no decoding): the limits, and a depth map of its image's size."""
+        name, image_path, depth_path = pair
+        try:
+            size = header_size(image_path)
+            depth_size = header_size(depth_path) if depth_path is not None else None
+        except ImageSizeError as err:
+            self._bad(err.reason, str(err))
+            return False
+        if size is None:
+            return True  # unreadable: reported as such when it is read
+        problem = size_problem(size, self.max_pixels, self.min_size)
+        if problem is not None:
+            self._bad(problem[0], f"{image_path}: {problem[1]}")
+            return False
+        if depth_path is not None:
+            if depth_size is not None and depth_size != size:
+                self._bad("depth_size_mismatch", f"{depth_path} is {depth_size[0]}x{depth_size[1]}, its image "
+                          f"{image_path.name} {size[0]}x{size[1]}")
+                return False
+        if min(size) < self.image_size:
+            self.upscaled += 1
+        return True
 
     def _pair(self, split_dir: Path) -> list[tuple[str, Path, Path | None]]:
         images = _list_names(split_dir / "image", IMAGE_SUFFIX)
@@ -205,17 +299,26 @@ class SynfaceFolder:
     def _readable(self, pair) -> bool:
         name, image_path, depth_path = pair
         for reason, path, loader in (
-            ("unreadable_image", image_path, load_image),
-            ("unreadable_depth", depth_path, load_depth),
+            ("unreadable_image", image_path, self._load_image),
+            ("unreadable_depth", depth_path, self._load_depth),
         ):
             if path is None:
                 continue
             try:
-                loader(path, self.image_size)
+                loader(path)
+            except ImageSizeError as err:
+                self._bad(err.reason, str(err))
+                return False
             except SynfaceError as err:
                 self._bad(reason, str(err))
                 return False
         return True
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        return load_image(path, self.image_size, self.max_pixels, self.min_size)
+
+    def _load_depth(self, path: Path) -> torch.Tensor:
+        return load_depth(path, self.image_size, self.max_pixels)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -226,9 +329,9 @@ class SynfaceFolder:
 
     def __getitem__(self, i: int) -> dict:
         name, image_path, depth_path = self.pairs[i]
-        item = {"name": name, "image": load_image(image_path, self.image_size)}
+        item = {"name": name, "image": self._load_image(image_path)}
         if depth_path is not None:
-            item["depth"] = load_depth(depth_path, self.image_size)
+            item["depth"] = self._load_depth(depth_path)
         return item
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict]:

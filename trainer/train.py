@@ -25,7 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from trainer.checkpoint import CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files
+from trainer.checkpoint import (CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files,
+                                write_atomically)
 from trainer.config import RunConfig, dump_config, model_config_hash
 from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_process_group
 from trainer.engine import Engine, build_engine
@@ -34,6 +35,7 @@ from trainer.model import Unsup3DLoss
 from trainer.monitor import TrainMonitor
 from trainer.perceptual import build_perceptual_net
 from trainer.validation import Validator
+from trainer.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +136,71 @@ def fp32_model_state(engine: Engine) -> dict:
     return {k: v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in state.items()}
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without the records of steps after `step` (and any torn last line): a run
+    resumed from the checkpoint of `step` redoes those steps and logs them again, so every step appears
+    once, with the values of the run the checkpoints continue. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            keep = not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] <= step
+        except ValueError:
+            keep = False  # a line cut short when the previous run was killed
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomically(path, "".join(line + "\n" for line in kept).encode())
+    return dropped
+
+
 class Trainer:
     """One run on one process of the group; `run()` trains to the end."""
 
-    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None):
-        """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook)."""
+    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None,
+                 lock_out_dir: bool = True):
+        """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook).
+        `lock_out_dir`: rank 0 holds out_dir's run lock (trainer/run_lock.py) until close(); False where the
+        caller holds it already (the Ray driver)."""
         self.config = config
         self.out_dir = Path(config.train.out_dir)
         self.group: ProcessGroup = init_process_group(resolve_device(config.train.device).type)
         self.device = resolve_device(config.train.device, self.group.local_rank)
+        self.run_lock = self._lock_out_dir() if lock_out_dir else None
+        try:
+            self._build(config, data, after_save)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_out_dir(self) -> RunLock | None:
+        """Rank 0 takes the lock before anything is written to out_dir; every rank raises if it is held."""
+        from trainer.distributed import broadcast_object
+
+        lock, refused = None, None
+        if self.group.is_main:
+            try:
+                lock = RunLock(self.out_dir).acquire()
+            except RunLockedError as error:
+                refused = str(error)
+        refused = broadcast_object(refused)
+        if refused is not None:
+            raise RunLockedError(refused)
+        return lock
+
+    def close(self) -> None:
+        """Release out_dir's run lock (idempotent)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _build(self, config: RunConfig, data: BatchSource | None, after_save: SaveHook | None) -> None:
         if self.group.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump_config(config))
         seed_everything(config.train.seed)
         self.engine = build_engine(config, self.group.world_size, self.device)
         perceptual = build_perceptual_net(config.perceptual) if config.loss.lam_perc > 0 else None
@@ -161,18 +216,22 @@ class Trainer:
             barrier()
             data = FolderBatches(config.data.root, config.data.split, config.model.image_size, config.data.batch_size,
                                  config.train.seed, config.data.hflip_probability, self.device,
-                                 rank=self.group.rank, world_size=self.group.world_size)
+                                 rank=self.group.rank, world_size=self.group.world_size,
+                                 max_pixels=config.data.max_image_pixels, min_size=config.data.min_image_size)
         self.data = data
         self.accumulation = self.engine.config.gradient_accumulation_steps
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints,
                                              after_save=after_save)
-        self.total_steps = config.train.max_steps or max(1, config.train.epochs * data.batches_per_epoch // self.accumulation)
+        max_steps = config.train.max_steps  # 0 is a run of no step: the initial weights saved as step 0
+        self.total_steps = (max_steps if max_steps is not None
+                            else max(1, config.train.epochs * data.batches_per_epoch // self.accumulation))
         self.arch_hash = model_config_hash(config.model)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.rollbacks = 0
         self.metrics_file = None
+        self._pending_records: list[dict] = []  # recorded once metrics.jsonl is open
         self._validation_images: torch.Tensor | None = None
         self._first_images: torch.Tensor | None = None
         # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/monitor.py.
@@ -209,8 +268,36 @@ class Trainer:
         self.data.load_state_dict(mine["data"])
         load_rng_state(mine["rng"])
         self.step = int(state["step"])
+        self._apply_optimizer_config(path)
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+
+    def _apply_optimizer_config(self, path: Path) -> None:
+        """The restored optimizer state brings the checkpoint's hyperparameters back; this run's config says
+        what they are now. Each difference is applied to every param group and logged (and, on rank 0,
+        recorded in metrics.jsonl once it is open)."""
+        opt = self.config.optimizer
+        wanted = {"lr": float(opt.lr), "betas": tuple(float(b) for b in opt.betas), "weight_decay": float(opt.weight_decay)}
+        changes: dict = {}
+        for group in self.engine.gate.optimizer.param_groups:
+            for key, value in wanted.items():
+                if key not in group:
+                    continue
+                old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+                if old != value:
+                    changes.setdefault(key, old)
+                    group[key] = value
+        for key, old in changes.items():
+            if self.group.is_main:
+                log.warning("optimizer.%s changed from %s (in %s) to %s (this run's config): applied to the restored "
+                            "optimizer", key, old, path.name, wanted[key])
+            entry = {"event": "config_change", "step": self.step, "key": f"optimizer.{key}",
+                     "checkpoint": list(old) if isinstance(old, tuple) else old,
+                     "config": list(wanted[key]) if isinstance(wanted[key], tuple) else wanted[key]}
+            if self.metrics_file is not None:  # a rollback during the run
+                self.record(entry)
+            else:
+                self._pending_records.append(entry)
 
     def save(self) -> Path:
         per_rank = all_gather_object({"data": self.data.state_dict(), "rng": rng_state()})
@@ -303,7 +390,18 @@ class Trainer:
                                   "which cannot resume a DeepSpeed run; use another train.out_dir "
                                   "(unsup3d evaluate still reads them)")
         if self.group.is_main:
-            self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+            # Only now, with the checkpoint it resumes from accepted: config.yaml describes this run.
+            write_atomically(self.out_dir / "config.yaml", dump_config(self.config).encode())
+            metrics = self.out_dir / "metrics.jsonl"
+            if latest is not None:
+                dropped = drop_records_after(metrics, self.step)
+                if dropped:
+                    log.info("metrics.jsonl: dropped %d records logged after step %d (those steps are redone)",
+                             dropped, self.step)
+            self.metrics_file = open(metrics, "a")
+        for entry in self._pending_records:
+            self.record(entry)
+        self._pending_records.clear()
         cfg = self.config.train
         self.engine.module.train()
         losses: dict = {}
@@ -369,11 +467,13 @@ class Trainer:
 
 
 def train(config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root."""
+    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root.
+    Holds out_dir's run lock meanwhile (RunLockedError if another run holds it)."""
     trainer = Trainer(config, data, after_save)
     try:
         return trainer.run()
     finally:
+        trainer.close()
         trainer.engine.engine.destroy()
         if trainer.group.created_here and trainer.group.world_size > 1:
             import torch.distributed as dist

@@ -183,8 +183,12 @@ def test_celeba_bounding_boxes_with_replicate_padding(tmp_path):
     (root / "list_bbox_celeba.txt").write_text("4\nimage_id x_1 y_1 width height\n000001.jpg 5 5 20 20\n"
                                                "000002.jpg 0 10 30 30\n000003.jpg 2 2 10 10\n000004.jpg 1 1 9 9\n")
     (root / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 2\n000004.jpg 2\n")
+    # 9-10 px boxes stored at 128 px: refused by default (too_small: below half of 128), kept when asked for
+    with pytest.raises(ValueError, match="too_small"):
+        prepare_dataset(PrepareConfig(source="celeba", input=str(root), output=str(tmp_path / "test"),
+                                      category="faces", split="test"))
     manifest = prepare_dataset(PrepareConfig(source="celeba", input=str(root), output=str(tmp_path / "test"),
-                                             category="faces", split="test"))
+                                             category="faces", split="test", min_image_size=8))
     assert manifest.num_samples == 2 and manifest.dataset.image_size == 128  # the paper's 128 px pre-crop
 
 
