@@ -15,6 +15,7 @@ import yaml
 
 from trainer.config_loading import ConfigError, load_yaml_config, to_dict
 from trainer.perceptual import PerceptualConfig
+from trainer.render.renderer import PIXEL_CENTRES
 
 
 @dataclass
@@ -55,6 +56,16 @@ class ModelConfig:
     """View translation in z for an output of +-1 (0 for faces and cars, 0.1 for cats)."""
     supersample: int = 1
     """Render depth at this multiple of the resolution and average-pool (the reference used 2)."""
+    pixel_centre: str = "integer"
+    """Where the depth rasteriser samples each pixel: "integer" at the pixel's integer coordinates,
+    as back-projection, normals and warp do (consistent; the default); "reference" half a pixel
+    further right and down (sub-pixels at +1/4 and +3/4 with supersample 2), as the reference's
+    rasteriser did, which puts its rendered depth half a pixel off its warp (SPEC 3.4). Only the
+    rasteriser's samples move (RendererConfig.pixel_centre)."""
+    shading_normal_eps: float | None = None
+    """None normalises the canonical normals used for shading exactly; 1e-7 is the reference's
+    n / (|n| + 1e-7) (SPEC 3.6), which at 64 px shortens them by about 0.3% (|n| is about 3e-5) and
+    so dims the diffuse term by as much. The normals of the metrics have their own setting."""
     depth_init_scale: float = 1.0
     """Multiplies the initial weights of the depth net's last conv. 1 is PyTorch's default init,
     whose depth maps start with per-pixel roughness of about 0.02 (a tenth of the depth range) that
@@ -83,6 +94,10 @@ class ModelConfig:
             raise ValueError(f"supersample must be 1 or 2, got {self.supersample}")
         if self.depth_prior < 0:
             raise ValueError(f"depth_prior must be >= 0 (a convex bump), got {self.depth_prior}")
+        if self.pixel_centre not in PIXEL_CENTRES:
+            raise ValueError(f"pixel_centre must be one of {', '.join(PIXEL_CENTRES)}, got {self.pixel_centre!r}")
+        if self.shading_normal_eps is not None and not self.shading_normal_eps > 0:
+            raise ValueError(f"shading_normal_eps must be None or > 0, got {self.shading_normal_eps}")
 
     @property
     def resolved_border_depth(self) -> float:
@@ -301,9 +316,26 @@ def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
 
 
+# Model fields added after checkpoints were already being written, with the value that reproduces
+# the behaviour from before they existed. model_config_hash leaves a field out while it has that
+# value, so a checkpoint saved before the field existed keeps its hash and still resumes; any other
+# value changes the function the nets are trained through, and so the hash. Add new fields here.
+HASH_NEUTRAL_MODEL_FIELDS = {
+    "pixel_centre": "integer",
+    "shading_normal_eps": None,
+}
+
+
 def model_config_hash(config: ModelConfig) -> str:
-    """Identifies the architecture a checkpoint was made with."""
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+    """Identifies the model (architecture and rendering) a checkpoint was made with.
+
+    Every field counts, except the HASH_NEUTRAL_MODEL_FIELDS at their neutral value.
+    """
+    fields = to_dict(config)
+    for name, neutral in HASH_NEUTRAL_MODEL_FIELDS.items():
+        if name in fields and fields[name] == neutral:
+            del fields[name]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 __all__ = [
