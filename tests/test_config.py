@@ -75,3 +75,54 @@ def test_shipped_configs_load():
     for path in run_configs:
         config = load_run_config(path)
         assert config.train.max_steps is None or config.train.max_steps > 0, path
+
+
+# -- fidelity options (issue 12 item 6) and the model-config hash ------------------------------------
+
+# model_config_hash of these model sections as written before pixel_centre and shading_normal_eps
+# existed (commit 4209795): checkpoints saved then must still resume.
+HASH_BEFORE_FIDELITY_OPTIONS = {"reference defaults": "17ef9b10ee2a0124", "configs/default.yaml": "c4d36e4726a7cf9c"}
+
+
+def test_fidelity_options_defaults_validation_and_yaml():
+    from trainer.config import ModelConfig
+
+    model = ModelConfig()
+    assert (model.supersample, model.pixel_centre, model.shading_normal_eps) == (1, "integer", None)
+    with pytest.raises(ValueError, match="pixel_centre"):
+        ModelConfig(pixel_centre="centre")
+    with pytest.raises(ValueError, match="shading_normal_eps"):
+        ModelConfig(shading_normal_eps=0.0)
+    config = RunConfig()
+    config.model.shading_normal_eps, config.model.pixel_centre = 1e-7, "reference"
+    assert from_dict(RunConfig, yaml.safe_load(dump_config(config))) == config
+    # YAML reads 1e-7 (no dot) as a string: an error naming the key, not a silent default.
+    with pytest.raises(ConfigError, match="model.shading_normal_eps"):
+        from_dict(RunConfig, yaml.safe_load("model:\n  shading_normal_eps: 1e-7\n"))
+
+
+def test_synface_config_sets_the_authors_choices():
+    from pathlib import Path
+
+    model = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "synface.yaml").model
+    assert (model.supersample, model.pixel_centre, model.shading_normal_eps) == (2, "reference", 1e-7)
+
+
+def test_model_config_hash_counts_the_options_but_old_checkpoints_still_match():
+    from pathlib import Path
+
+    from trainer.config import ModelConfig, model_config_hash
+
+    default_yaml = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").model
+    assert model_config_hash(ModelConfig()) == HASH_BEFORE_FIDELITY_OPTIONS["reference defaults"]
+    assert model_config_hash(default_yaml) == HASH_BEFORE_FIDELITY_OPTIONS["configs/default.yaml"]
+    # An old checkpoint's model section (no new keys) loads with the defaults and the same hash.
+    old_section = yaml.safe_load(dump_config(RunConfig()))["model"]
+    del old_section["pixel_centre"], old_section["shading_normal_eps"]
+    old = from_dict(ModelConfig, old_section, "model")
+    assert old == ModelConfig() and model_config_hash(old) == HASH_BEFORE_FIDELITY_OPTIONS["reference defaults"]
+    # Each option changes the rendering, so each changes the hash (and resuming across it is refused).
+    hashes = {model_config_hash(ModelConfig(**change))
+              for change in ({}, {"supersample": 2}, {"pixel_centre": "reference"}, {"shading_normal_eps": 1e-7},
+                             {"shading_normal_eps": 1e-6})}
+    assert len(hashes) == 5

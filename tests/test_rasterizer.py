@@ -242,3 +242,40 @@ def test_fast_matches_brute_force_when_pixel_centres_sit_on_vertices_and_edges(s
     fast, brute = both_rasterisers(view_vertices(depth, R, t), grid_faces(size, size), K, size, size)
     assert_same_rendering(fast, brute)
     assert (fast[1][:, 1:-1, 1:-1] >= 0).all()
+
+
+# -- pixel_offset: the reference's half-pixel sampling (SPEC 3.4) ----------------------------------
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_fast_matches_brute_force_with_half_pixel_offset(factor):
+    """pixel_offset moves the samples of both paths alike: same winners, same depths, bit for bit."""
+    generator = torch.Generator().manual_seed(40 + factor)
+    size = 12
+    for noise in (0.0, 0.5):
+        depth = random_depth(2, size, generator, noise)
+        R, t = random_view(2, generator)
+        K = geometry.intrinsics(size)
+        K[:2] *= factor  # the reference's supersampled camera: its 1x projection scaled
+        args = (view_vertices(depth, R, t), grid_faces(size, size), K, factor * size, factor * size)
+        fast = rasterize_depth(*args, pixel_offset=0.5)
+        brute = rasterize_depth_brute_force(*args, pixel_offset=0.5)
+        assert_same_rendering(fast, brute)
+        covered = fast[1] >= 0
+        assert torch.equal(fast[0][covered], brute[0][covered])
+        assert not torch.equal(fast[1], rasterize_depth(*args)[1]), "the offset moved no sample"
+
+
+def test_pixel_offset_samples_the_shifted_ray():
+    """A slanted triangle: depth at pixel (r, c) is the plane's depth on the ray through (c + o, r + o)."""
+    size = 16
+    K = geometry.intrinsics(size, dtype=torch.float64)
+    vertices = torch.tensor([[-0.08, -0.07, 0.85], [0.09, -0.05, 1.15], [-0.02, 0.09, 1.05]], dtype=torch.float64)
+    normal = torch.linalg.cross(vertices[1] - vertices[0], vertices[2] - vertices[0])
+    for offset in (0.5, 0.25):
+        depth, face = rasterize_depth(vertices[None], torch.tensor([[0, 1, 2]]), K, size, size, pixel_offset=offset)
+        shifted = geometry.pixel_grid(size, size, dtype=torch.float64) + torch.tensor([offset, offset, 0.0], dtype=torch.float64)
+        expected = (normal @ vertices[0]) / ((shifted @ torch.linalg.inv(K).T) @ normal)
+        covered = face[0] >= 0
+        assert covered.sum() > 20
+        torch.testing.assert_close(depth[0][covered], expected[covered], rtol=0, atol=1e-12)

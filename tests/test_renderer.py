@@ -51,6 +51,9 @@ def test_config_defaults_and_validation():
         RendererConfig(min_depth=1.1, max_depth=0.9)
     with pytest.raises(ValueError):
         RendererConfig(supersample=0)
+    assert cfg.pixel_centre == "integer"
+    with pytest.raises(ValueError, match="pixel_centre"):
+        RendererConfig(pixel_centre="half")
     with pytest.raises(ValueError, match="image_size"):
         Renderer(RendererConfig(image_size=16)).render_depth(torch.ones(1, 8, 8), *identity_view(1))
 
@@ -63,6 +66,11 @@ def test_supersampled_camera_pools_onto_the_1x_pixels():
     u2 = geometry.project(point, K2)
     # The 2x2 block of sub-pixels (2i, 2i+1) is centred on 1x pixel i: u2 = 2 u1 + 0.5.
     torch.testing.assert_close(u2, 2 * u1 + 0.5)
+    # The reference's 2x camera is its 1x projection scaled by 2; sampled at j + 0.5 (the
+    # rasteriser's pixel_offset), sub-pixels 2i and 2i+1 sit at i + 1/4 and i + 3/4.
+    K2_reference = supersampled_intrinsics(K, 2, "reference")
+    torch.testing.assert_close(geometry.project(point, K2_reference), 2 * u1)
+    torch.testing.assert_close(supersampled_intrinsics(K, 1, "reference"), K)
 
 
 # -- render_depth and warp_canonical ----------------------------------------------------------------
@@ -128,6 +136,38 @@ def test_supersampled_tilted_plane_matches_analytic_depth_away_from_the_silhouet
     assert covered.float().mean() > 0.5
     # The four sub-samples at +-1/4 px average to the pixel centre's depth up to curvature (~1e-8).
     assert (rendered[covered] - expected[covered]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("supersample", [1, 2])
+def test_reference_pixel_centre_samples_the_half_pixel_shifted_ray(supersample):
+    """pixel_centre "reference" (SPEC 3.4): pixel (r, c) reads the tilted plane's depth on the ray
+    through (c + 0.5, r + 0.5), not (c, r); with supersample 2 the sub-pixels at +1/4 and +3/4
+    average to it up to curvature (~1e-8). Only the rasteriser moves: the warp still reads (c, r)."""
+    size = 24
+    renderer = Renderer(RendererConfig(image_size=size, supersample=supersample, pixel_centre="reference"))
+    integer = Renderer(RendererConfig(image_size=size, supersample=supersample))
+    normal, offset = [0.25, -0.15, 1.0], 1.0
+    canon = plane_depth(size, normal, offset)
+    R, t = view([12.0, -20.0, 7.0], [0.01, -0.015, 0.02], dtype=torch.float64)
+    n = torch.tensor(normal, dtype=torch.float64)
+    c = torch.tensor(geometry.ROTATION_CENTRE, dtype=torch.float64)
+    n_view = R[0] @ n
+    offset_view = offset - n @ c + n_view @ (c + t[0])
+    K_inv = torch.linalg.inv(geometry.intrinsics(size, dtype=torch.float64))
+    shifted_rays = (geometry.pixel_grid(size, size, dtype=torch.float64) + torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)) @ K_inv.T
+    expected = offset_view / (shifted_rays @ n_view)
+    expected_integer = offset_view / (rays(size) @ n_view)
+    for dtype in (torch.float32, torch.float64):
+        rendered = renderer.render_depth(canon[None].to(dtype), R.to(dtype), t.to(dtype))[0].double()
+        covered = renderer.recon_mask(rendered).bool()
+        assert covered.float().mean() > 0.5
+        error = (rendered[covered] - expected[covered]).abs().max().item()
+        assert error < 1e-5, error
+        # The half-pixel shift is far larger than that tolerance, and the integer renderer has none.
+        assert (rendered[covered] - expected_integer[covered]).abs().median() > 1e-4
+        plain = integer.render_depth(canon[None].to(dtype), R.to(dtype), t.to(dtype))[0].double()
+        both = covered & integer.recon_mask(plain).bool()
+        assert (plain[both] - expected_integer[both]).abs().max() < 1e-5
 
 
 def test_gradcheck_depth_and_view_to_rendered_depth():

@@ -17,6 +17,7 @@ import yaml
 from trainer.config_loading import (ConfigError, check_choice, check_float, check_int, check_name, load_yaml_config,
                                     require, to_dict)
 from trainer.perceptual import PerceptualConfig
+from trainer.render.renderer import PIXEL_CENTRES
 
 
 IMAGE_SIZES = (64, 128, 256, 512, 1024)
@@ -71,6 +72,16 @@ class ModelConfig:
     """View translation in z for an output of +-1 (0 for faces and cars, 0.1 for cats)."""
     supersample: int = 1
     """Render depth at this multiple of the resolution and average-pool (the reference used 2)."""
+    pixel_centre: str = "integer"
+    """Where the depth rasteriser samples each pixel: "integer" at the pixel's integer coordinates,
+    as back-projection, normals and warp do (consistent; the default); "reference" half a pixel
+    further right and down (sub-pixels at +1/4 and +3/4 with supersample 2), as the reference's
+    rasteriser did, which puts its rendered depth half a pixel off its warp (SPEC 3.4). Only the
+    rasteriser's samples move (RendererConfig.pixel_centre)."""
+    shading_normal_eps: float | None = None
+    """None normalises the canonical normals used for shading exactly; 1e-7 is the reference's
+    n / (|n| + 1e-7) (SPEC 3.6), which at 64 px shortens them by about 0.3% (|n| is about 3e-5) and
+    so dims the diffuse term by as much. The normals of the metrics have their own setting."""
     depth_init_scale: float = 1.0
     """Multiplies the initial weights of the depth net's last conv. 1 is PyTorch's default init,
     whose depth maps start with per-pixel roughness of about 0.02 (a tenth of the depth range) that
@@ -111,6 +122,8 @@ class ModelConfig:
             check_float(self, name, 0.0)
         check_choice(self, "supersample", (1, 2))
         check_float(self, "depth_prior", 0.0)
+        check_choice(self, "pixel_centre", PIXEL_CENTRES)
+        check_float(self, "shading_normal_eps", 0.0, strict_minimum=True, optional=True)
 
     @property
     def resolved_border_depth(self) -> float:
@@ -404,9 +417,26 @@ def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
 
 
+# Model fields added after checkpoints were already being written, with the value that reproduces
+# the behaviour from before they existed. model_config_hash leaves a field out while it has that
+# value, so a checkpoint saved before the field existed keeps its hash and still resumes; any other
+# value changes the function the nets are trained through, and so the hash. Add new fields here.
+HASH_NEUTRAL_MODEL_FIELDS = {
+    "pixel_centre": "integer",
+    "shading_normal_eps": None,
+}
+
+
 def model_config_hash(config: ModelConfig) -> str:
-    """Identifies the architecture a checkpoint was made with."""
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+    """Identifies the model (architecture and rendering) a checkpoint was made with.
+
+    Every field counts, except the HASH_NEUTRAL_MODEL_FIELDS at their neutral value.
+    """
+    fields = to_dict(config)
+    for name, neutral in HASH_NEUTRAL_MODEL_FIELDS.items():
+        if name in fields and fields[name] == neutral:
+            del fields[name]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 __all__ = [

@@ -81,6 +81,7 @@ class Unsup3D(nn.Module):
                 min_depth=config.min_depth,
                 max_depth=config.max_depth,
                 supersample=config.supersample,
+                pixel_centre=config.pixel_centre,
             )
         )
 
@@ -123,7 +124,7 @@ class Unsup3D(nn.Module):
             direction = torch.cat([light[:, 2:4], torch.ones_like(light[:, :1])], dim=1)
             direction = (direction / direction.norm(dim=1, keepdim=True)).repeat(2, 1)
 
-            canon_normal = self.renderer.normals(canon_depth)
+            canon_normal = self.renderer.normals(canon_depth, eps=self.config.shading_normal_eps)
             canon_image, canon_shading = self.renderer.shade(canon_albedo, canon_normal, k_ambient, k_diffuse, direction)
 
             rotation, translation = self.view_transform(view)

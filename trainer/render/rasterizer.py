@@ -5,7 +5,8 @@ seen from another viewpoint. Each triangle then covers only a handful of pixels,
 testing every face against every pixel (what the reference's CUDA rasteriser did, O(pixels x faces))
 the fast path visits, per triangle, only the pixels near it:
 
-1. project the vertices (pixel (u, v) has its centre at integer coordinates, cx = (W-1)/2);
+1. project the vertices (pixel (u, v) has its centre at integer coordinates, cx = (W-1)/2, unless
+   a pixel_offset moves every sample by that much: see rasterize_depth);
 2. per triangle, its bounding box in pixel centres. Small boxes (nearly every triangle of a grid
    mesh) are enumerated whole; larger ones row by row, only between the triangle's left and right
    edges on each row, so a long thin triangle costs its rows plus its area, not its box. Both are
@@ -82,7 +83,8 @@ def grid_faces(height: int, width: int, device=None) -> torch.Tensor:
 
 
 def rasterize_depth(
-    vertices: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int
+    vertices: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int,
+    *, pixel_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth of the nearest triangle at every pixel, visiting only pixels near each triangle.
 
@@ -91,18 +93,25 @@ def rasterize_depth(
     background) and face_index [B, H, W] (long, -1 on the background). The depth is differentiable
     with respect to the vertices of the winning triangles. Computes in float64 for float64
     vertices, else in float32 (autocast is switched off inside).
+
+    pixel_offset: output pixel (row r, col c) samples the point (c + offset, r + offset) of K's
+    image plane. 0 (the default) is SPEC 3's integer pixel centres; 0.5 is the reference
+    rasteriser's convention (SPEC 3.4). It is applied once, to the projected vertices (x - offset,
+    y - offset), so the fast path, the brute force and the differentiable winner evaluation still
+    share every later operation and agree bit for bit.
     """
-    return _rasterize(vertices, faces, K, height, width, _fast_zbuffer)
+    return _rasterize(vertices, faces, K, height, width, _fast_zbuffer, pixel_offset)
 
 
 def rasterize_depth_brute_force(
-    vertices: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int
+    vertices: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int,
+    *, pixel_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rasterize_depth by testing every face against every pixel: slow, obviously complete; for tests."""
-    return _rasterize(vertices, faces, K, height, width, _brute_force_zbuffer)
+    return _rasterize(vertices, faces, K, height, width, _brute_force_zbuffer, pixel_offset)
 
 
-def _rasterize(vertices, faces, K, height, width, zbuffer):
+def _rasterize(vertices, faces, K, height, width, zbuffer, pixel_offset=0.0):
     """Shared driver: z-buffer without autograd, then the winners' depth with autograd."""
     dtype = vertices.dtype if vertices.dtype == torch.float64 else torch.float32
     # The projection below is a matmul, which autocast would run in bf16.
@@ -112,7 +121,7 @@ def _rasterize(vertices, faces, K, height, width, zbuffer):
         batch, n = vertices.shape[:2]
         if batch * faces.shape[0] >= 1 << _FACE_BITS:
             raise ValueError("rasterize_depth: batch x faces must stay below 2**32 (z-buffer key layout)")
-        screen = _screen_vertices(vertices, K.to(vertices))
+        screen = _screen_vertices(vertices, K.to(vertices), float(pixel_offset))
         with torch.no_grad():
             corner_ids = [_batch_ids(faces[:, k], batch, n) for k in range(3)]
             table = torch.stack(_corner_attributes(screen.detach(), corner_ids))
@@ -126,16 +135,21 @@ def _rasterize(vertices, faces, K, height, width, zbuffer):
 # evaluation all use exactly these operations, so they agree bit for bit.
 
 
-def _screen_vertices(vertices, K):
+def _screen_vertices(vertices, K, pixel_offset=0.0):
     """Per vertex x, y (pixel coordinates) and 1/z, as the rows of a [3, B*N] tensor.
 
-    Vertices that cannot be drawn (z <= NEAR, or not finite) get x = y = 0 and 1/z = 0: finite
-    values for the forward and backward passes, and 1/z = 0 marks their faces as not drawable.
+    x and y are in the frame whose integer points are the samples: the projection minus
+    pixel_offset (rasterize_depth). Vertices that cannot be drawn (z <= NEAR, or not finite) get
+    x = y = 0 and 1/z = 0: finite values for the forward and backward passes, and 1/z = 0 marks
+    their faces as not drawable.
     """
     z = vertices[..., 2].reshape(-1)
     inv_z = 1.0 / torch.where(z > NEAR, z, 1.0)
     p = (vertices @ K.T).reshape(-1, 3)
-    screen = torch.stack([p[:, 0] * inv_z, p[:, 1] * inv_z, inv_z])
+    x, y = p[:, 0] * inv_z, p[:, 1] * inv_z
+    if pixel_offset != 0.0:  # (x - 0 would be exact too; this only saves the work)
+        x, y = x - pixel_offset, y - pixel_offset
+    screen = torch.stack([x, y, inv_z])
     valid = (z > NEAR) & torch.isfinite(screen[:2]).all(0)
     return torch.where(valid, screen, 0.0)
 

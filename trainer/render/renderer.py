@@ -23,6 +23,11 @@ from trainer.render import geometry
 from trainer.render.rasterizer import grid_faces, rasterize_depth
 
 
+PIXEL_CENTRES = ("integer", "reference")
+# The reference rasteriser's pixel centres sit at +0.5 in its own (rasterised) image's pixel units.
+REFERENCE_PIXEL_OFFSET = 0.5
+
+
 @dataclass
 class RendererConfig:
     """Settings of the renderer (SPEC 3)."""
@@ -35,6 +40,13 @@ class RendererConfig:
     """Farthest canonical depth; rendered depth is clamped to [min - m, max + m], m = (max - min) / 2."""
     supersample: int = 1
     """1 = off; 2 = the reference's anti-aliasing: rasterise at 2x resolution, average-pool 2x2."""
+    pixel_centre: str = "integer"
+    """Where the rasteriser samples output pixel (row r, col c), in the frame of the renderer's
+    camera K. "integer": at (c, r), the convention of back-projection, normals and warp (SPEC 3), so
+    rendered depth and warp line up; sub-pixels at +-1/4 when supersample is 2. "reference": at
+    (c + 0.5, r + 0.5), sub-pixels at +1/4 and +3/4, as the reference's rasteriser did (SPEC 3.4),
+    while back-projection, normals and warp keep integer coordinates: rendered depth is then half a
+    pixel off from the warp, exactly as in the reference. Only the rasteriser's samples move."""
 
     def __post_init__(self):
         if self.image_size < 2:
@@ -43,6 +55,8 @@ class RendererConfig:
             raise ValueError(f"renderer needs min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
         if self.supersample < 1:
             raise ValueError(f"renderer supersample must be >= 1, got {self.supersample}")
+        if self.pixel_centre not in PIXEL_CENTRES:
+            raise ValueError(f"renderer pixel_centre must be one of {', '.join(PIXEL_CENTRES)}, got {self.pixel_centre!r}")
 
     @property
     def depth_margin(self) -> float:
@@ -60,19 +74,36 @@ class RendererConfig:
         return self.min_depth - self.depth_margin
 
 
-def supersampled_intrinsics(K: torch.Tensor, factor: int) -> torch.Tensor:
+def supersampled_intrinsics(K: torch.Tensor, factor: int, pixel_centre: str = "integer") -> torch.Tensor:
     """Camera matrix of an image `factor` times larger whose factor x factor blocks pool onto K's pixels.
 
-    Sub-pixel j of the large image sits at u = (j - (factor - 1) / 2) / factor in the small one, so
-    pooling sub-pixels factor*i .. factor*i + factor-1 gives a sample centred on pixel i exactly:
-    f' = factor f, c' = factor c + (factor - 1) / 2. (geometry.intrinsics(2W) would instead give
+    "integer" (SPEC 3): sub-pixel j of the large image, sampled at its integer centre, sits at
+    u = (j - (factor - 1) / 2) / factor in the small one, so pooling sub-pixels factor*i ..
+    factor*i + factor-1 gives a sample centred on pixel i exactly: f' = factor f,
+    c' = factor c + (factor - 1) / 2. (geometry.intrinsics(2W) would instead give
     f' = (2W-1)/2 / tan(5 deg), a field of view that does not pool back onto the W-pixel image: up
-    to a quarter pixel off at the borders.) The reference likewise scaled its 1x projection by 2.
+    to a quarter pixel off at the borders.)
+
+    "reference": the reference's camera, its 1x projection scaled by factor (f' = factor f,
+    c' = factor c), to be rasterised with pixel centres at +0.5 (rasterize_depth's pixel_offset
+    REFERENCE_PIXEL_OFFSET, see rasterizer_camera): sub-pixel j is sampled at (j + 0.5) / factor in
+    the small image, so pixel i's block covers i + 0.5 / factor .. i + 1 - 0.5 / factor and pools
+    to a sample centred on i + 0.5 (i + 1/4 and i + 3/4 at factor 2), the reference's convention.
+    For factor 1 this is K itself.
     """
+    if pixel_centre not in PIXEL_CENTRES:
+        raise ValueError(f"pixel_centre must be one of {', '.join(PIXEL_CENTRES)}, got {pixel_centre!r}")
     scaled = K.clone()
     scaled[:2, :] *= factor
-    scaled[:2, 2] += (factor - 1) / 2
+    if pixel_centre == "integer":
+        scaled[:2, 2] += (factor - 1) / 2
     return scaled
+
+
+def rasterizer_camera(K: torch.Tensor, factor: int, pixel_centre: str = "integer") -> tuple[torch.Tensor, float]:
+    """(camera, pixel_offset) to rasterise K's image at `factor` times its resolution (RendererConfig.pixel_centre)."""
+    offset = REFERENCE_PIXEL_OFFSET if pixel_centre == "reference" else 0.0
+    return supersampled_intrinsics(K, factor, pixel_centre), offset
 
 
 class Renderer:
@@ -80,7 +111,8 @@ class Renderer:
 
     camera: the 3x3 K of the image_size-pixel image; by default SPEC 3's geometry.intrinsics. A
     caller that renders at a multiple of a smaller camera's resolution and pools by itself passes
-    supersampled_intrinsics(K_small, factor) here (with supersample=1).
+    supersampled_intrinsics(K_small, factor) here (with supersample=1). cfg.pixel_centre applies to
+    the pixels of this camera (a "reference" half pixel of the large image, not of the small one).
     """
 
     def __init__(self, cfg: RendererConfig, *, camera: torch.Tensor | None = None):
@@ -89,7 +121,7 @@ class Renderer:
         # rasterising (the supersampled camera). _camera hands out per-device, per-dtype copies.
         K = geometry.intrinsics(cfg.image_size, dtype=torch.float64) if camera is None else camera
         self._K = K.detach().to(torch.float64).clone()
-        self._K_render = supersampled_intrinsics(self._K, cfg.supersample)
+        self._K_render, self._pixel_offset = rasterizer_camera(self._K, cfg.supersample, cfg.pixel_centre)
         self._camera_copies: dict[tuple, torch.Tensor] = {}
         self._faces: dict[torch.device, torch.Tensor] = {}
 
@@ -115,7 +147,9 @@ class Renderer:
             # The mesh stays the 1x mesh even when supersampling: the reference rendered the same
             # vertices into a larger image; it did not upsample the depth map.
             faces = self._grid_faces(depth.device)
-            rendered, _ = rasterize_depth(points, faces, self._camera("render", depth), h * s, w * s)
+            rendered, _ = rasterize_depth(
+                points, faces, self._camera("render", depth), h * s, w * s, pixel_offset=self._pixel_offset
+            )
             if s > 1:
                 rendered = F.avg_pool2d(rendered.unsqueeze(1), s).squeeze(1)
             return rendered.clamp(self.cfg.near_depth, self.cfg.far_depth)
