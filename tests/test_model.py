@@ -152,3 +152,28 @@ def test_shading_normal_eps_dims_the_diffuse_term_by_the_reference_amount_and_ke
     Unsup3DLoss(LossConfig(lam_perc=0.0), None, reference.config)(image, out)["total"].backward()
     grads = [p.grad for p in reference.depth_net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_mirrored_pose_term_is_zero_for_a_mirror_consistent_pose_and_trains_the_view_and_light_nets():
+    torch.manual_seed(0)
+    model = Unsup3D(small_model_config())
+    model.mirrored_pose = True
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = model.decompose(image)
+    assert out.view_mirrored.shape == (2, 6) and out.light_mirrored.shape == (2, 4)
+    # A mirror-symmetric image: its mirror is itself, so yaw, roll, tx and light x must be 0 for a zero term.
+    loss = Unsup3DLoss(LossConfig(lam_perc=0.0, lam_pose_flip=1.0), None, model.config)
+    terms = loss(image, out)
+    assert terms["pose_flip"] > 0
+    terms["total"].backward()
+    assert model.view_net.network[0].weight.grad.abs().sum() > 0
+    assert model.light_net.network[0].weight.grad.abs().sum() > 0
+    # The term compares the mirrored image's pose with the mirror of the original's.
+    from trainer.model import MIRROR_LIGHT_SIGNS, MIRROR_VIEW_SIGNS, mirrored_pose_loss
+
+    out.view_mirrored = out.view.detach() * torch.tensor(MIRROR_VIEW_SIGNS)
+    out.light_mirrored = out.light.detach() * torch.tensor(MIRROR_LIGHT_SIGNS)
+    assert mirrored_pose_loss(out) == 0
+    # Off by default: no extra forward passes and no term.
+    plain = Unsup3D(small_model_config())
+    assert plain.decompose(image).view_mirrored is None

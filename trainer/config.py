@@ -146,9 +146,14 @@ class LossConfig:
     """lam_flip used during the first lam_flip_warmup_epochs epochs (cats: 1.0 for 10 epochs)."""
     lam_flip_warmup_epochs: int = 0
     """Number of epochs lam_flip_warmup applies to."""
+    lam_pose_flip: float = 0.0
+    """Weight of the mirrored-pose term (not in the reference; 0 is off): the view and light nets also
+    see each image mirrored, and their outputs must be the mirror of the original's (yaw, roll, x
+    translation and light x change sign, the rest stays). It keeps the view net from explaining every
+    image with one large pose, which short runs on faces with backgrounds otherwise do."""
 
     def __post_init__(self):
-        for name in ("lam_flip", "lam_perc", "lam_smooth"):
+        for name in ("lam_flip", "lam_perc", "lam_smooth", "lam_pose_flip"):
             check_float(self, name, 0.0)
         check_float(self, "lam_flip_warmup", 0.0, optional=True)
         check_int(self, "lam_flip_warmup_epochs", 0)

@@ -136,6 +136,7 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
     if engine_config.precision == "fp16" and device.type != "cuda":
         log.warning("fp16 on CPU works only where the CPU supports it (AVX512-FP16); bf16 is the CPU mixed precision")
     module = TrainModule(config.model).to(device)
+    module.mirrored_pose = config.loss.lam_pose_flip > 0
     ds_config = deepspeed_config(engine_config, config, world_size)
     optimizer = None
     if engine_config.optimizer == "torch":

@@ -51,6 +51,14 @@ class Decomposition:
     recon_mask: torch.Tensor  # [2B, 1, H, W] product of both branches' masks, detached
     sigma_photometric: torch.Tensor | None  # [2B, 1, H, W]
     sigma_perceptual: torch.Tensor | None  # [2B, 1, H/4, W/4]
+    view_mirrored: torch.Tensor | None = None  # [B, 6] view net on the mirrored images (loss.lam_pose_flip)
+    light_mirrored: torch.Tensor | None = None  # [B, 4] light net on the mirrored images
+
+
+# How the view and light of a mirror image relate to the original's (SPEC 2 parameterisation):
+# pitch, ty, tz and the light's ambient, diffuse and y stay; yaw, roll, tx and the light's x change sign.
+MIRROR_VIEW_SIGNS = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0)
+MIRROR_LIGHT_SIGNS = (1.0, 1.0, -1.0, 1.0)
 
 
 def scale_initial_weights(layer: nn.Module, scale: float) -> None:
@@ -75,6 +83,9 @@ class Unsup3D(nn.Module):
         self.view_net = Encoder(6, config.view_nf, size)
         scale_initial_weights(self.view_net.network[-2], config.view_init_scale)
         self.confidence_net = ConfidenceNet(config.conf_nf, config.conf_zdim, size) if config.use_confidence else None
+        # Training with loss.lam_pose_flip > 0 sets this: decompose then also runs the view and light
+        # nets on the mirrored images. Not part of the model's function, so not in its config.
+        self.mirrored_pose = False
         self.renderer = Renderer(
             RendererConfig(
                 image_size=size,
@@ -112,6 +123,10 @@ class Unsup3D(nn.Module):
             light = self.light_net(image).float()
             view = self.view_net(image).float()
             sigmas = self.confidence_net(image) if self.confidence_net is not None else None
+            view_mirrored = light_mirrored = None
+            if self.mirrored_pose:
+                mirrored = image.flip(-1)
+                view_mirrored, light_mirrored = self.view_net(mirrored).float(), self.light_net(mirrored).float()
 
         with timer("render"), torch.autocast(device_type=image.device.type, enabled=False):
             canon_depth_raw = self.canonical_depth(depth_raw)
@@ -158,7 +173,18 @@ class Unsup3D(nn.Module):
             recon_mask=mask_both,
             sigma_photometric=sigma_photometric,
             sigma_perceptual=sigma_perceptual,
+            view_mirrored=view_mirrored,
+            light_mirrored=light_mirrored,
         )
+
+
+def mirrored_pose_loss(out: Decomposition) -> torch.Tensor:
+    """Mean |v(mirror I) - M v(I)| + |l(mirror I) - M l(I)| over the raw view and light outputs: the mirror
+    image of a face turned by +yaw is the mirrored face turned by -yaw, lit from the mirrored side."""
+    view_signs = out.view.new_tensor(MIRROR_VIEW_SIGNS)
+    light_signs = out.light.new_tensor(MIRROR_LIGHT_SIGNS)
+    return ((out.view_mirrored - view_signs * out.view).abs().mean()
+            + (out.light_mirrored - light_signs * out.light).abs().mean())
 
 
 class Unsup3DLoss(nn.Module):
@@ -198,5 +224,8 @@ class Unsup3DLoss(nn.Module):
             if cfg.lam_smooth > 0:
                 terms["smooth"] = smoothness_loss(out.canon_depth_raw, self.min_depth, self.max_depth)
                 total = total + cfg.lam_smooth * terms["smooth"]
+            if cfg.lam_pose_flip > 0 and out.view_mirrored is not None:
+                terms["pose_flip"] = mirrored_pose_loss(out)
+                total = total + cfg.lam_pose_flip * terms["pose_flip"]
         terms["total"] = total
         return terms
