@@ -177,3 +177,16 @@ def test_mirrored_pose_term_is_zero_for_a_mirror_consistent_pose_and_trains_the_
     # Off by default: no extra forward passes and no term.
     plain = Unsup3D(small_model_config())
     assert plain.decompose(image).view_mirrored is None
+
+
+def test_depth_blur_removes_a_checkerboard_and_keeps_a_smooth_bump():
+    from trainer.model import gaussian_blur
+
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checker = ((rows // 2 + cols // 2) % 2).float()[None] * 2 - 1
+    bump = torch.exp(-((rows - 32.0) ** 2 + (cols - 32.0) ** 2) / 200.0)[None]
+    assert gaussian_blur(checker, 1.5)[:, 8:-8, 8:-8].abs().max() < 0.1
+    assert (gaussian_blur(bump, 1.5) - bump).abs().max() < 0.02
+    model = Unsup3D(small_model_config(depth_blur=1.5))
+    out = model.decompose(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert out.canon_depth.shape == (2, 64, 64)

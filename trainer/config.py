@@ -94,6 +94,12 @@ class ModelConfig:
     for what is easy (roll, image-plane translation) leak into yaw and pitch, whose gradient is
     weak while the learned relief is still shallow, and those spurious rotations then stay (seen as
     predicted pitch following the true roll; BENCHMARKS.md, issue 2 item 9)."""
+    depth_blur: float = 0.0
+    """Standard deviation in pixels of a fixed Gaussian blur of the depth net's raw output (before
+    the prior, mean and tanh); 0 is off, the reference. Not learned. Why: with confidence maps the
+    photometric gradients grow as 1/sigma, and a small depth net then paints shading detail into a
+    checkerboard of its transposed convolutions (or, under a strong smoothness term, into stripes)
+    that the smoothness term alone does not remove (BENCHMARKS.md, issue 12 study)."""
     depth_prior: float = 0.0
     """Amplitude of a fixed convex bump added to the depth net's raw output (before tanh): the
     paraboloid -a * max(0, 1 - (x/0.75)^2 - (y/0.9)^2) over the frame in [-1, 1]^2, nearer in the
@@ -122,6 +128,7 @@ class ModelConfig:
             check_float(self, name, 0.0)
         check_choice(self, "supersample", (1, 2))
         check_float(self, "depth_prior", 0.0)
+        check_float(self, "depth_blur", 0.0, 8.0)
         check_choice(self, "pixel_centre", PIXEL_CENTRES)
         check_float(self, "shading_normal_eps", 0.0, strict_minimum=True, optional=True)
 
@@ -429,6 +436,7 @@ def dump_config(config: RunConfig) -> str:
 HASH_NEUTRAL_MODEL_FIELDS = {
     "pixel_centre": "integer",
     "shading_normal_eps": None,
+    "depth_blur": 0.0,
 }
 
 

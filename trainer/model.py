@@ -6,9 +6,11 @@ losses) runs in float32, because depth differences of 1e-3 matter to the rasteri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import LossConfig, ModelConfig
@@ -61,6 +63,18 @@ MIRROR_VIEW_SIGNS = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0)
 MIRROR_LIGHT_SIGNS = (1.0, 1.0, -1.0, 1.0)
 
 
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of maps [B, H, W] (replicated borders), kernel radius ceil(2 sigma)."""
+    radius = max(1, math.ceil(2 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
 def scale_initial_weights(layer: nn.Module, scale: float) -> None:
     """Multiply a freshly initialised layer's weights (ModelConfig.depth_init_scale, view_init_scale)."""
     with torch.no_grad():
@@ -98,6 +112,8 @@ class Unsup3D(nn.Module):
 
     def canonical_depth(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw depth-net output [B, H, W] -> canonical depth in [min, max] (SPEC 2), before the border overwrite."""
+        if self.config.depth_blur > 0:
+            raw = gaussian_blur(raw, self.config.depth_blur)
         raw = raw + self.depth_prior.to(raw.dtype)
         raw = raw - raw.mean(dim=(1, 2), keepdim=True)
         return map_range(torch.tanh(raw), self.config.min_depth, self.config.max_depth)
