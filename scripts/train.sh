@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Set up the environment and train end to end on the embedded default (synthetic data, CPU or GPU).
+# Set up the environment and train end to end on the embedded default (generated faces, CPU or GPU).
 # Extra arguments go to `unsup3d train`, e.g. --max-steps 50.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 unsup3d train --config configs/default.yaml "$@"
-unsup3d evaluate --checkpoint runs/default/checkpoints --data data/synthetic-black --output runs/default/evaluation.json
+unsup3d evaluate --checkpoint runs/default/checkpoints --data data/faces --output runs/default/evaluation.json

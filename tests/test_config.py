@@ -81,7 +81,8 @@ def test_shipped_configs_load():
 
 # model_config_hash of these model sections as written before pixel_centre and shading_normal_eps
 # existed (commit 4209795): checkpoints saved then must still resume.
-HASH_BEFORE_FIDELITY_OPTIONS = {"reference defaults": "17ef9b10ee2a0124", "configs/default.yaml": "c4d36e4726a7cf9c"}
+HASH_BEFORE_FIDELITY_OPTIONS = {"reference defaults": "17ef9b10ee2a0124",
+                                "configs/experiments/blobs-default-recipe.yaml": "c4d36e4726a7cf9c"}
 
 
 def test_fidelity_options_defaults_validation_and_yaml():
@@ -113,9 +114,10 @@ def test_model_config_hash_counts_the_options_but_old_checkpoints_still_match():
 
     from trainer.config import ModelConfig, model_config_hash
 
-    default_yaml = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").model
+    default_yaml = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "experiments"
+                                   / "blobs-default-recipe.yaml").model
     assert model_config_hash(ModelConfig()) == HASH_BEFORE_FIDELITY_OPTIONS["reference defaults"]
-    assert model_config_hash(default_yaml) == HASH_BEFORE_FIDELITY_OPTIONS["configs/default.yaml"]
+    assert model_config_hash(default_yaml) == HASH_BEFORE_FIDELITY_OPTIONS["configs/experiments/blobs-default-recipe.yaml"]
     # An old checkpoint's model section (no new keys) loads with the defaults and the same hash.
     old_section = yaml.safe_load(dump_config(RunConfig()))["model"]
     del old_section["pixel_centre"], old_section["shading_normal_eps"]
