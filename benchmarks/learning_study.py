@@ -115,7 +115,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
             ax.axhline(first[f"constant_depth/{key}"], color="gray", linestyle=":", label="constant depth")
         else:
             ax.axhline(0.0, color="gray", linewidth=0.5)
-            ax.set_ylim(-0.2, 1.0)
+            ax.set_ylim(-0.7, 1.0)  # a negative correlation (the hollow-face solution) must show
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -71,3 +71,15 @@ def test_export_writes_a_weights_only_file_that_evaluate_loads(tiny_trained_run,
     assert summary["step"] == 1 and summary["bytes"] == (tmp_path / "model.pt").stat().st_size
     model, config, step = load_model(tmp_path / "model.pt", torch.device("cpu"))
     assert step == 1 and config.image_size == 64
+
+
+def test_the_shipped_model_reads_the_pose_of_generated_faces(tmp_path):
+    """The mirror test above would also pass for a model that always says yaw 0: this one reads the
+    pose and the light of faces it has not seen (the test split's first 32 faces)."""
+    from trainer.face_generator import FaceConfig, generate_faces
+    from trainer.truth_probe import probe
+
+    generate_faces(str(tmp_path), FaceConfig(num_train=0, num_val=0, num_test=32))
+    result = probe(str(shipped_checkpoint()), str(tmp_path), "test")
+    assert result["yaw"] > 0.9 and result["pitch"] > 0.7 and result["light_x"] > 0.6, result
+    assert result["yaw_spread_ratio"] > 0.4, result
