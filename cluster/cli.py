@@ -41,7 +41,26 @@ def _use_ray(args: argparse.Namespace) -> bool:
     return True
 
 
+# What a launcher (torchrun, the deepspeed launcher) tells a process about its group; a world of one
+# trained in this process sets them itself.
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _train_in_process(config) -> dict:
+    """Train here; the launch variables the process group set for itself are taken back afterwards,
+    so that a later command in the same process (tests, notebooks) is not taken for a torchrun rank."""
+    saved = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
+    try:
+        return _train_here(config)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _train_here(config) -> dict:
     from trainer.train import resolve_device, train
 
     data = None

@@ -270,6 +270,7 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
 
     def finish(trainer):
         trainer.engine.engine.destroy()
+        trainer.close()  # releases out_dir's run lock, so the next Trainer may resume there
 
     with _deterministic() as seen:
         first = Trainer(config_for("resumed", 3))
