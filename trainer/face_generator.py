@@ -18,7 +18,6 @@ size or the number of images asked for.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -311,7 +310,7 @@ def _backgrounds(p: list[dict], size: int, kind: str) -> torch.Tensor:
 # Rendering
 
 
-def _barycentrics(screen: torch.Tensor, tri: torch.Tensor, face: torch.Tensor, size: int, K: torch.Tensor):
+def _barycentrics(screen: torch.Tensor, tri: torch.Tensor, face: torch.Tensor):
     """Perspective-correct barycentric weights [B, H, W, 3] and corner ids [B, H, W, 3] at each pixel
     centre of the winning face (background pixels get face 0 and are masked by the caller)."""
     b, h, w = face.shape
@@ -386,7 +385,7 @@ def render_faces(model: HeadModel, params: list[dict], cfg: FaceConfig) -> dict[
         depth, _ = rasterize_depth(posed, tri, K, size, size)
         canon_depth, _ = rasterize_depth(canon, tri, K, size, size)
         _, face = rasterize_depth(posed, tri, K_hr, size * r, size * r)
-        w, corners = _barycentrics(_screen(posed, K_hr), tri, face, size * r, K_hr)
+        w, corners = _barycentrics(_screen(posed, K_hr), tri, face)
         a = _interpolate(albedo, w, corners)
         n = F.normalize(_interpolate(n_model, w, corners), dim=-1, eps=1e-12)
         k_a, k_d = (light[:, 0] + 1) / 2, (light[:, 1] + 1) / 2
