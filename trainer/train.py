@@ -470,12 +470,22 @@ def train(config: RunConfig, data: BatchSource | None = None, after_save: SaveHo
     """Train (or resume) the run described by `config`, on `data` or else on the folder data.root.
     Holds out_dir's run lock meanwhile (RunLockedError if another run holds it)."""
     trainer = Trainer(config, data, after_save)
+    own_group = trainer.group.created_here and trainer.group.world_size > 1
     try:
-        return trainer.run()
+        result = trainer.run()
+        if own_group:
+            import torch.distributed as dist
+
+            # Every rank done before any tears its group down: rank 0 hosts the rendezvous store, and a
+            # rank still talking to it when rank 0 exits was seen to abort ("terminate called without an
+            # active exception") after a finished run. Only after a normal finish: a rank that failed
+            # must not wait here for ranks that will never come.
+            dist.barrier()
+        return result
     finally:
         trainer.close()
         trainer.engine.engine.destroy()
-        if trainer.group.created_here and trainer.group.world_size > 1:
+        if own_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
