@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.config_loading import from_dict  # noqa: E402
-from trainer.evaluate import evaluate  # noqa: E402
+from trainer.checkpoint import CheckpointError  # noqa: E402
+from trainer.evaluate import checkpoints_in, evaluate  # noqa: E402
 from trainer.model import Unsup3D  # noqa: E402
 from trainer.train import seed_everything  # noqa: E402
-from trainer.truth_probe import probe  # noqa: E402
 
 PANELS = (
     ("side_x1e-2", "SIDE (x1e-2)", True),
@@ -42,11 +42,12 @@ PANELS = (
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in sorted((run / "checkpoints").glob("step_*")):
-        if path.is_dir() and not path.name.startswith("."):
-            found.append((int(path.name.split("_")[1]), path))
-    return found
+    """(step, path) of every checkpoint the run keeps so far (none yet: [])."""
+    try:
+        paths = checkpoints_in(run / "checkpoints")
+    except CheckpointError:
+        return []
+    return [(int(p.name.split("_")[1].split(".")[0]), p) for p in paths]
 
 
 def untrained_checkpoint(run: Path, folder: Path) -> Path:
@@ -67,7 +68,7 @@ def score(checkpoint: Path, data: str, split: str) -> dict:
         block = result[method] if method in result else result["baselines"][method]
         for metric in ("side_x1e-2", "mad_deg_reference", "mad_deg_exact"):
             row[f"{method}/{metric}"] = block[metric]["mean"]
-    row.update({k: v for k, v in probe(str(checkpoint), data, split).items() if k != "step"})
+    row.update(result["truth_correlation"])  # evaluate adds it: the split holds the generator's truth
     return row
 
 

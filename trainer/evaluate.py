@@ -324,10 +324,8 @@ def add_truth_correlation(results: dict, checkpoint: str, data: str, split: str,
 
     if read_truth(data, split) is None:
         return
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    results["truth_correlation"] = {k: v for k, v in probe(checkpoint, data, split, device, batch_size).items()
-                                    if k != "step"}
+    results["truth_correlation"] = {k: v for k, v in probe(checkpoint, data, split, str(resolve_device(device)),
+                                                           batch_size).items() if k != "step"}
 
 
 def checkpoints_in(folder: str | Path) -> list[Path]:

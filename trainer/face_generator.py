@@ -31,9 +31,8 @@ from trainer.render import geometry
 from trainer.render.rasterizer import rasterize_depth
 from trainer.render.renderer import supersampled_intrinsics
 from trainer.synface import FAR_DEPTH, NEAR_DEPTH, write_sample
+from trainer.synthetic import SPLITS
 
-SPLITS = ("train", "val", "test")
-_SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 TRUTH_FILE = "truth.npz"
 # Foreground depth is kept a hair nearer than 1.1 so that it never encodes as the background byte 0.
 _FAR_FOREGROUND = FAR_DEPTH - 1.01 * (FAR_DEPTH - NEAR_DEPTH) / 255
@@ -130,7 +129,7 @@ class FaceConfig:
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAMS[split], index]))
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
 
 
 def _expression_pairs(units: dict[str, int]) -> list[tuple[int, int]]:
@@ -421,7 +420,7 @@ def generate_faces(root: str, cfg: FaceConfig, splits=SPLITS, progress=None) -> 
         model = load_head_model()
         counts = {}
         for split in splits:
-            if split not in _SPLIT_STREAMS:
+            if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
             counts[split] = _generate_split(root, split, model, cfg, progress)
         return counts
