@@ -50,11 +50,11 @@ def run_variant(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from trainer.config import RunConfig
-    from trainer.distributed import init_process_group
-    from trainer.engine import build_engine
-    from trainer.model import Unsup3DLoss
-    from trainer.perceptual import build_perceptual_net
-    from trainer.train import resolve_device, seed_everything
+    from trainer.loop.process_group import init_process_group
+    from trainer.loop.engine import build_engine
+    from trainer.model.unsup3d import Unsup3DLoss
+    from trainer.model.perceptual import build_perceptual_net
+    from trainer.loop.train import resolve_device, seed_everything
 
     precision, mode, optimizer, zero = VARIANTS[args.variant]
     config = RunConfig()
@@ -96,7 +96,7 @@ def run_variant(args) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    from trainer.train import fp32_model_state
+    from trainer.loop.train import fp32_model_state
 
     weights = fp32_model_state(engine)
     torch.save(weights, args.weights_out)

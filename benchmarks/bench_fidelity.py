@@ -142,7 +142,7 @@ def cross_evaluate(args, rows: list[dict]) -> dict[str, dict]:
     """Each run's checkpoint evaluated with the other pixel_centre: {variant: model metrics}."""
     import torch
 
-    from trainer import evaluate as evaluation
+    from trainer.results import evaluate as evaluation
     from trainer.render.renderer import Renderer, RendererConfig
 
     torch.set_num_threads(1)
@@ -173,8 +173,8 @@ def step_cpu_times(args) -> dict[str, float]:
     import torch
 
     from trainer.config import load_run_config
-    from trainer.model import Unsup3D, Unsup3DLoss
-    from trainer.synface import SynfaceFolder
+    from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
+    from trainer.data.synface import SynfaceFolder
 
     torch.set_num_threads(1)
     config = load_run_config(ROOT / args.config)

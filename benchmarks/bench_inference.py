@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.demo import DemoOptions, render_batch, write_image_outputs  # noqa: E402
-from trainer.model import Unsup3D  # noqa: E402
-from trainer.visualize import decompose  # noqa: E402
+from trainer.results.demo import DemoOptions, render_batch, write_image_outputs  # noqa: E402
+from trainer.model.unsup3d import Unsup3D  # noqa: E402
+from trainer.results.visualize import decompose  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,7 +64,7 @@ def time_case(fn, device: torch.device, *, warmup: int, repeats: int) -> tuple[l
 
 def build_model(checkpoint: str | None, device: torch.device) -> Unsup3D:
     if checkpoint:
-        from trainer.evaluate import load_model
+        from trainer.results.evaluate import load_model
 
         return load_model(checkpoint, device)[0]
     torch.manual_seed(0)

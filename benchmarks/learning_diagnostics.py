@@ -43,10 +43,10 @@ import time
 import torch
 
 from trainer.config import LossConfig, ModelConfig
-from trainer.evaluate import load_model
-from trainer.model import Unsup3D, Unsup3DLoss
-from trainer.synface import SynfaceFolder
-from trainer.synthetic import SyntheticConfig, canonical_fields, dataset_params, render_objects, sample_params
+from trainer.results.evaluate import load_model
+from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
+from trainer.data.synface import SynfaceFolder
+from trainer.data.synthetic import SyntheticConfig, canonical_fields, dataset_params, render_objects, sample_params
 
 PARTS = ("depth", "albedo", "light", "view")
 LIGHT_NAMES = ("k_ambient", "k_diffuse", "x", "y")
@@ -169,7 +169,7 @@ def probe(args: argparse.Namespace) -> None:
 
 
 def bounds(args: argparse.Namespace) -> None:
-    from trainer.metrics import evaluation_mask, mad_error, side_error
+    from trainer.results.metrics import evaluation_mask, mad_error, side_error
     from trainer.render.geometry import intrinsics
 
     model = Unsup3D(small_model_config(depth_prior=args.depth_prior))

@@ -2,7 +2,7 @@
 
 For every kept checkpoint of each run (and the untrained model of the run's config, as step 0):
 SIDE and MAD on a split, the two baselines on the same images, and the truth probe's correlations
-(trainer/truth_probe.py: yaw, pitch, roll, light, per-image depth departure). Results are cached
+(trainer/results/truth_probe.py: yaw, pitch, roll, light, per-image depth departure). Results are cached
 per run in <out>/<run name>.jsonl (a checkpoint already scored is not scored again), and one
 figure with a panel per measure is drawn to <out>/learning_study.png.
 
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.config_loading import from_dict  # noqa: E402
-from trainer.checkpoint import CheckpointError  # noqa: E402
-from trainer.evaluate import checkpoints_in, evaluate  # noqa: E402
-from trainer.model import Unsup3D  # noqa: E402
-from trainer.train import seed_everything  # noqa: E402
+from trainer.loop.checkpoint import CheckpointError  # noqa: E402
+from trainer.results.evaluate import checkpoints_in, evaluate  # noqa: E402
+from trainer.model.unsup3d import Unsup3D  # noqa: E402
+from trainer.loop.train import seed_everything  # noqa: E402
 
 PANELS = (
     ("side_x1e-2", "SIDE (x1e-2)", True),

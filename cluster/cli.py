@@ -61,12 +61,12 @@ def _train_in_process(config) -> dict:
 
 
 def _train_here(config) -> dict:
-    from trainer.train import resolve_device, train
+    from trainer.loop.train import resolve_device, train
 
     data = None
     if config.stream is not None:
         from cluster.streaming import StreamingBatches
-        from trainer.distributed import init_process_group
+        from trainer.loop.process_group import init_process_group
 
         # Under torchrun / the deepspeed launcher every rank streams its own part of the shards.
         group = init_process_group(resolve_device(config.train.device).type)
@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _checkpoint_or_shipped(args: argparse.Namespace) -> str:
     if args.checkpoint:
         return args.checkpoint
-    from trainer.shipped_model import shipped_checkpoint
+    from trainer.results.shipped_model import shipped_checkpoint
 
     path = str(shipped_checkpoint())
     print(f"no --checkpoint: using the shipped face model {path}", file=sys.stderr)
@@ -122,7 +122,7 @@ def _checkpoint_or_shipped(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate, evaluate_checkpoints
+    from trainer.results.evaluate import evaluate, evaluate_checkpoints
 
     if args.all_checkpoints and not args.checkpoint:
         raise ValueError("--all-checkpoints needs --checkpoint: a run's checkpoints folder")
@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import DemoOptions, run_demo
+    from trainer.results.demo import DemoOptions, run_demo
 
     kwargs = {"tile": args.tile, "gif_frames": args.gif_frames, "batch_size": args.batch_size,
               "max_image_pixels": args.max_image_pixels, "min_image_size": args.min_image_size}
@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainer.shipped_model import export_weights
+    from trainer.results.shipped_model import export_weights
 
     print(json.dumps(export_weights(args.checkpoint, args.out, note=args.note)))
     return 0
@@ -174,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.kind == "faces":
-        from trainer.face_generator import FaceConfig, generate_faces
+        from trainer.data.face_generator import FaceConfig, generate_faces
 
         background = args.background or "varied"
         if background not in ("varied", "black"):
@@ -190,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         counts = generate_faces(args.out, cfg, progress=progress)
     else:
-        from trainer.synthetic import main_generate
+        from trainer.data.synthetic import main_generate
 
         background = args.background or "noise"
         if background == "varied":
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate_synthetic(root, args: argparse.Namespace) -> None:
     """`prepare --source synthetic`: data_pipeline knows no model code, so the generator is handed in."""
-    from trainer.synthetic import main_generate
+    from trainer.data.synthetic import main_generate
 
     main_generate(str(root), args.image_size or 64, args.num_samples, 0, 0, args.seed)
 
@@ -336,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    from trainer.checkpoint import CheckpointError
+    from trainer.loop.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
-    from trainer.head_model import HeadModelError
-    from trainer.run_lock import RunLockedError
+    from trainer.data.head_model import HeadModelError
+    from trainer.loop.run_lock import RunLockedError
 
     try:
         return args.func(args)

@@ -1,10 +1,10 @@
-"""Training through Ray Train: one TorchTrainer per run, DeepSpeed inside every worker (via trainer.train).
+"""Training through Ray Train: one TorchTrainer per run, DeepSpeed inside every worker (via trainer.loop.train).
 
 Who does what:
 - Ray Train starts the workers, sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and creates the
-  torch process group (gloo on CPU, NCCL on GPU); trainer.distributed.init_process_group reuses it.
+  torch process group (gloo on CPU, NCCL on GPU); trainer.loop.process_group.init_process_group reuses it.
 - Each worker builds its own data source (the folder, or its part of the shard stream) and calls
-  trainer.train.train, which resumes by itself from <train.out_dir>/checkpoints/latest.
+  trainer.loop.train.train, which resumes by itself from <train.out_dir>/checkpoints/latest.
 - Fault tolerance: FailureConfig(max_failures) makes Ray Train tear the whole worker group down when a
   worker dies and start a new one; the new workers resume from our own latest checkpoint. Our
   checkpoint directory is the single source of truth (Ray Train's own checkpoints are not used), so
@@ -115,9 +115,9 @@ def parameter_digest(module) -> str:
 
 
 def _train_and_digest(config, data, after_save=None):
-    """trainer.train.train, keeping the module long enough to fingerprint this rank's final weights.
+    """trainer.loop.train.train, keeping the module long enough to fingerprint this rank's final weights.
     Ray Train owns the process group, so (as in train()) only the engine is torn down here."""
-    from trainer.train import Trainer
+    from trainer.loop.train import Trainer
 
     trainer = Trainer(config, data, after_save, lock_out_dir=False)  # the driver holds out_dir's lock
     try:
@@ -152,8 +152,8 @@ def train_worker(payload: dict) -> None:
     import ray.train
 
     from cluster.storage import staged_out_dir
-    from trainer.distributed import init_process_group
-    from trainer.train import resolve_device
+    from trainer.loop.process_group import init_process_group
+    from trainer.loop.train import resolve_device
 
     config = copy.deepcopy(payload["config"])
     context = ray.train.get_context()
@@ -225,9 +225,9 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
 
 
 def run_lock(out_dir: str):
-    """The driver's lock on out_dir (trainer/run_lock.py); for s3:// on this machine's staging folder of it."""
+    """The driver's lock on out_dir (trainer/loop/run_lock.py); for s3:// on this machine's staging folder of it."""
     from cluster.storage import is_remote, staging_dir_for
-    from trainer.run_lock import RunLock
+    from trainer.loop.run_lock import RunLock
 
     return RunLock(staging_dir_for(out_dir, "driver").parent if is_remote(out_dir) else out_dir)
 
@@ -237,7 +237,7 @@ def preflight(config, workers: int) -> None:
     max_failures times for): another model config, or another number of ranks."""
     if "://" in config.train.out_dir:
         return
-    from trainer.checkpoint import CheckpointError, CheckpointManager, read_state
+    from trainer.loop.checkpoint import CheckpointError, CheckpointManager, read_state
     from trainer.config import model_config_hash
 
     latest = CheckpointManager(Path(config.train.out_dir) / "checkpoints").latest()

@@ -8,7 +8,7 @@
   - before training, the lowest rank of each node downloads S3's latest checkpoint (every rank's files)
     and config.yaml/metrics.jsonl/learning_curve.png into it (anything else cached there is dropped);
     then all ranks wait;
-  - at every checkpoint (trainer/checkpoint.py: one leader finishes each directory), each node's leader
+  - at every checkpoint (trainer/loop/checkpoint.py: one leader finishes each directory), each node's leader
     uploads the files of its step directory (its ranks' DeepSpeed files, state.pt, rank 0's model.pt;
     they merge under one prefix because ranks write different names), all ranks wait, then rank 0
     alone uploads config.yaml/metrics.jsonl/learning_curve.png (the last when validation drew it),
@@ -56,7 +56,7 @@ def staging_dir_for(out_dir: str, node_id: str) -> Path:
 
 
 class S3Mirror:
-    """An s3:// out_dir and one node's staging copy of it; the SaveHook of trainer/checkpoint.py."""
+    """An s3:// out_dir and one node's staging copy of it; the SaveHook of trainer/loop/checkpoint.py."""
 
     TOP_FILES = ("config.yaml", "metrics.jsonl", "learning_curve.png")  # each only if it exists
 
@@ -135,7 +135,7 @@ class S3Mirror:
         self._prune(step_dir.name)
 
     def _prune(self, latest: str) -> None:
-        from trainer.checkpoint import CHECKPOINT_PATTERN
+        from trainer.loop.checkpoint import CHECKPOINT_PATTERN
 
         base = f"{self.prefix}/checkpoints"
         self.fs.invalidate_cache()  # other nodes uploaded since this process last listed
@@ -157,7 +157,7 @@ def staged_out_dir(config, rank: int, node_id: str):
     if not is_remote(out_dir):
         yield out_dir, None
         return
-    from trainer.distributed import all_gather_object, barrier
+    from trainer.loop.process_group import all_gather_object, barrier
 
     local = staging_dir_for(out_dir, node_id)
     mirror = S3Mirror(out_dir, local, keep=config.train.keep_checkpoints)

@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-python -c "from trainer.sample_photos import write_sample_photos; write_sample_photos('$WORK/in', 128)"
+python -c "from trainer.results.sample_photos import write_sample_photos; write_sample_photos('$WORK/in', 128)"
 for name in 000000 000003; do
   cp "data/faces/test/image/${name}_image.png" "$WORK/in/generated_${name}.png"
 done

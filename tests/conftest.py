@@ -11,7 +11,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    from trainer.synthetic import main_generate
+    from trainer.data.synthetic import main_generate
 
     root = tmp_path_factory.mktemp("synthetic")
     main_generate(str(root), image_size=64, num_train=96, num_val=8, num_test=24, seed=0)

@@ -20,7 +20,7 @@ import torch
 
 from test_rasterizer import random_depth, random_view, view_vertices
 from test_train import small_config
-from trainer.checkpoint import load_checkpoint
+from trainer.loop.checkpoint import load_checkpoint
 from trainer.config import ModelConfig
 from trainer.render import geometry
 from trainer.render.rasterizer import grid_faces, rasterize_depth
@@ -117,11 +117,11 @@ def test_rasterizer_on_cuda_gives_the_cpu_winning_faces_and_depths(size, noise):
 
 def _first_step_loss(config, image, precision, mode):
     """Build the engine with seed 0 (same initial weights every time), one step; what it did."""
-    from trainer.distributed import init_process_group
-    from trainer.engine import build_engine
-    from trainer.model import Unsup3DLoss
-    from trainer.perceptual import build_perceptual_net
-    from trainer.train import fp32_model_state, seed_everything
+    from trainer.loop.process_group import init_process_group
+    from trainer.loop.engine import build_engine
+    from trainer.model.unsup3d import Unsup3DLoss
+    from trainer.model.perceptual import build_perceptual_net
+    from trainer.loop.train import fp32_model_state, seed_everything
 
     config.engine.precision, config.engine.mixed_precision = precision, mode
     init_process_group(DEVICE.type)
@@ -167,7 +167,7 @@ def test_a_bf16_deepspeed_step_on_cuda(synthetic_root, tmp_path):
     """One step in each bf16 mode (autocast: fp32 weights, nets under autocast; deepspeed: bf16 weights
     with fp32 master weights) on real data: finite, every weight moves, the nets run in bf16 and the
     renderer in fp32, and the first loss is within 3% of fp32's from the same initial weights."""
-    from trainer.folder_data import FolderBatches
+    from trainer.data.folder_data import FolderBatches
 
     config = gpu_config(synthetic_root, tmp_path / "run")
     batch = next(FolderBatches(str(synthetic_root), "train", 64, 8, 0, device=DEVICE))["image"]
@@ -201,7 +201,7 @@ def _optimizer_tensors(engine) -> dict:
 
 
 def _snapshot(trainer) -> dict:
-    from trainer.train import fp32_model_state, rng_state
+    from trainer.loop.train import fp32_model_state, rng_state
 
     return {"model": fp32_model_state(trainer.engine), "optimizer": _optimizer_tensors(trainer.engine),
             "rng": rng_state(), "data": trainer.data.state_dict(), "step": trainer.step}
@@ -261,7 +261,7 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
     differs too: atomic adds in a backward); the latter is recorded and then allowed, as long as the
     restored state itself was exact.
     """
-    from trainer.train import Trainer, train
+    from trainer.loop.train import Trainer, train
 
     def config_for(name, steps):
         config = gpu_config(synthetic_root, tmp_path / name, max_steps=steps)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from cluster.cli import main as cli_main
-from trainer.demo import LIGHTS, DemoOptions, load_photo, summary_size
-from trainer.mesh import write_textured_mesh
+from trainer.results.demo import LIGHTS, DemoOptions, load_photo, summary_size
+from trainer.results.mesh import write_textured_mesh
 from trainer.render.geometry import intrinsics
-from trainer.synface import ImageSizeError
+from trainer.data.synface import ImageSizeError
 
 TILE, GIF_FRAMES, YAWS = 64, 6, (-30.0, 0.0, 30.0)
 
@@ -53,7 +53,7 @@ def demo_out(tiny_checkpoint, photos, tmp_path_factory):
 
 
 def read_obj(path: Path) -> dict:
-    """A small OBJ parser, independent of trainer.mesh: v, vt, vn, faces (1-based triples), mtllib, usemtl."""
+    """A small OBJ parser, independent of trainer.results.mesh: v, vt, vn, faces (1-based triples), mtllib, usemtl."""
     parsed = {"v": [], "vt": [], "vn": [], "f": [], "mtllib": None, "usemtl": None}
     for line in path.read_text().splitlines():
         parts = line.split()
@@ -184,7 +184,7 @@ def test_demo_without_readable_images_is_a_clear_error(tiny_checkpoint, tmp_path
 
 
 def test_gif_yaws_never_repeat_a_frame_and_reach_both_sides():
-    from trainer.demo import gif_yaws
+    from trainer.results.demo import gif_yaws
 
     for n in range(2, 41):
         yaws = gif_yaws(DemoOptions(gif_frames=n, gif_max_yaw=45.0))

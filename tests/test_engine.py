@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from test_train import read_metrics, small_config
-from trainer.checkpoint import CheckpointError, install_safe_deepspeed_loader, load_checkpoint
+from trainer.loop.checkpoint import CheckpointError, install_safe_deepspeed_loader, load_checkpoint
 from trainer.config import EngineConfig, RunConfig
-from trainer.distributed import init_process_group
-from trainer.engine import build_engine, deepspeed_config, resolve_engine_config
-from trainer.folder_data import FolderBatches
-from trainer.train import train
+from trainer.loop.process_group import init_process_group
+from trainer.loop.engine import build_engine, deepspeed_config, resolve_engine_config
+from trainer.data.folder_data import FolderBatches
+from trainer.loop.train import train
 
 
 def tiny(root, out_dir, **train_overrides) -> RunConfig:
@@ -59,8 +59,8 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(synthetic_ro
     init_process_group("cpu")
     engine = build_engine(config, 1, torch.device("cpu"))
     ds = engine.engine
-    from trainer.model import Unsup3DLoss
-    from trainer.train import fp32_model_state
+    from trainer.model.unsup3d import Unsup3DLoss
+    from trainer.loop.train import fp32_model_state
 
     criterion = Unsup3DLoss(config.loss, None, config.model)
     image = torch.rand(4, 3, 64, 64) * 2 - 1
@@ -119,7 +119,7 @@ def test_non_finite_steps_are_skipped_counted_and_rolled_back(synthetic_root, tm
     config = tiny(synthetic_root, tmp_path / "run", max_steps=10, checkpoint_every=3, log_every=1)
     config.engine.max_nonfinite_steps = 2
     data = FlakyBatches(FolderBatches(str(synthetic_root), "train", 64, 8, 0), bad_calls={2, 8, 9})
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="trainer.loop.train"):
         result = train(config, data)
     assert result.steps == 10
     records = read_metrics(tmp_path / "run")
@@ -139,7 +139,7 @@ def test_non_finite_steps_are_skipped_counted_and_rolled_back(synthetic_root, tm
 
 
 def test_persistent_non_finite_steps_stop_the_run(synthetic_root, tmp_path):
-    from trainer.train import NonFiniteTraining
+    from trainer.loop.train import NonFiniteTraining
 
     config = tiny(synthetic_root, tmp_path / "run", max_steps=6, checkpoint_every=2)
     config.engine.max_nonfinite_steps = 2

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.face_generator import FaceConfig, _rng, generate_faces, read_truth, render_faces, sample_face
-from trainer.head_model import load_head_model
+from trainer.data.face_generator import FaceConfig, _rng, generate_faces, read_truth, render_faces, sample_face
+from trainer.data.head_model import load_head_model
 from trainer.render import geometry
 from trainer.render.renderer import Renderer, RendererConfig
-from trainer.synface import FAR_DEPTH, NEAR_DEPTH, SynfaceFolder
+from trainer.data.synface import FAR_DEPTH, NEAR_DEPTH, SynfaceFolder
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def write_pair(split: Path, name: str, image_size: int, depth_size: int | None =
 def small_checkpoint(tmp_path: Path) -> Path:
     """A single-file checkpoint of an untrained small model (no training needed to evaluate one)."""
     from trainer.config import ModelConfig, RunConfig, dump_config
-    from trainer.model import Unsup3D
+    from trainer.model.unsup3d import Unsup3D
 
     config = RunConfig()
     config.model = ModelConfig(depth_nf=8, albedo_nf=8, conf_nf=8, depth_zdim=16, albedo_zdim=16, conf_zdim=16,
@@ -91,7 +91,7 @@ def test_evaluate_skips_giant_tiny_and_mismatched_pairs_by_name(tmp_path, capsys
     write_pair(test, "mismatch", 64, depth_size=32)
     giant_png(test / "image" / "giant_image.png")
     giant_png(test / "depth" / "giant_depth.png")
-    caplog.set_level(logging.WARNING, logger="trainer.synface")
+    caplog.set_level(logging.WARNING, logger="trainer.data.synface")
     out = tmp_path / "eval.json"
     assert cli_main(["evaluate", "--checkpoint", str(small_checkpoint(tmp_path)), "--data", str(tmp_path / "data"),
                      "--no-report", "--output", str(out)]) == 0
@@ -124,7 +124,7 @@ def test_demo_skips_giant_and_tiny_inputs_by_name(tmp_path, capsys):
 
 
 def test_the_training_folder_skips_and_counts_instead_of_upscaling_a_one_pixel_image(tmp_path):
-    from trainer.folder_data import FolderBatches
+    from trainer.data.folder_data import FolderBatches
 
     train = tmp_path / "data" / "train"
     for i in range(4):

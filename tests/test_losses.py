@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import perceptual_loss, photometric_loss, pool_mask, smoothness_loss
+from trainer.model.losses import perceptual_loss, photometric_loss, pool_mask, smoothness_loss
 
 SQRT2 = math.sqrt(2)
 LOG2 = math.log(2)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import (
+from trainer.results.metrics import (
     REFERENCE_NORMAL_EPS,
     average_depth_baseline,
     constant_depth_baseline,

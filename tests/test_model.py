@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.config import LossConfig, ModelConfig
-from trainer.model import Unsup3D, Unsup3DLoss, map_range
-from trainer.perceptual import PerceptualConfig, build_perceptual_net
+from trainer.model.unsup3d import Unsup3D, Unsup3DLoss, map_range
+from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
 from trainer.render.geometry import depth_to_points, intrinsics
 
 
@@ -169,7 +169,7 @@ def test_mirrored_pose_term_is_zero_for_a_mirror_consistent_pose_and_trains_the_
     assert model.view_net.network[0].weight.grad.abs().sum() > 0
     assert model.light_net.network[0].weight.grad.abs().sum() > 0
     # The term compares the mirrored image's pose with the mirror of the original's.
-    from trainer.model import MIRROR_LIGHT_SIGNS, MIRROR_VIEW_SIGNS, mirrored_pose_loss
+    from trainer.model.unsup3d import MIRROR_LIGHT_SIGNS, MIRROR_VIEW_SIGNS, mirrored_pose_loss
 
     out.view_mirrored = out.view.detach() * torch.tensor(MIRROR_VIEW_SIGNS)
     out.light_mirrored = out.light.detach() * torch.tensor(MIRROR_LIGHT_SIGNS)
@@ -180,7 +180,7 @@ def test_mirrored_pose_term_is_zero_for_a_mirror_consistent_pose_and_trains_the_
 
 
 def test_depth_blur_removes_a_checkerboard_and_keeps_a_smooth_bump():
-    from trainer.model import gaussian_blur
+    from trainer.model.unsup3d import gaussian_blur
 
     rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     checker = ((rows // 2 + cols // 2) % 2).float()[None] * 2 - 1

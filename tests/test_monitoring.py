@@ -101,7 +101,7 @@ def test_progress_bar_plain_lines_when_not_a_terminal():
 
 
 def test_data_stats_reads_a_loader_without_importing_it():
-    from trainer.monitor import data_stats
+    from trainer.loop.monitor import data_stats
 
     class FakeLoader:
         epoch_reports = [{"skipped": {"corrupt": 2}}]

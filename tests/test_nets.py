@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.nets import ConfidenceNet, Encoder, EncoderDecoder, count_parameters
+from trainer.model.nets import ConfidenceNet, Encoder, EncoderDecoder, count_parameters
 
 EXPECTED_64PX = {
     "depth": 12_979_648,

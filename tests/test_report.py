@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from cluster.cli import main as cli_main
-from trainer.evaluate import PerImage, WorstCase
-from trainer.report import HISTOGRAM_SIZE, PANEL_COLUMNS, histogram, worst_case_panel, write_report
-from trainer.visualize import GAP
+from trainer.results.evaluate import PerImage, WorstCase
+from trainer.results.report import HISTOGRAM_SIZE, PANEL_COLUMNS, histogram, worst_case_panel, write_report
+from trainer.results.visualize import GAP
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_cli_evaluate_report_goes_beside_the_checkpoints_by_default(tiny_run, sy
 
 
 def test_default_report_dir_finds_the_run_from_any_checkpoint_path(tmp_path):
-    from trainer.evaluate import default_report_dir
+    from trainer.results.evaluate import default_report_dir
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)

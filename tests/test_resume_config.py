@@ -17,7 +17,7 @@ def fast_config(root, out_dir, **train_overrides):
     config = small_config(root, out_dir, **train_overrides)
     config.perceptual.backbone, config.loss.lam_perc = "none", 0.0
     return config
-from trainer.train import Trainer, train
+from trainer.loop.train import Trainer, train
 
 
 def test_changed_optimizer_hyperparameters_are_applied_on_resume_and_logged(synthetic_root, tmp_path, caplog):
@@ -27,7 +27,7 @@ def test_changed_optimizer_hyperparameters_are_applied_on_resume_and_logged(synt
     config.optimizer.lr = 2e-3  # was 1e-3
     config.optimizer.betas = (0.5, 0.9)
     config.optimizer.weight_decay = 0.0
-    caplog.set_level(logging.WARNING, logger="trainer.train")
+    caplog.set_level(logging.WARNING, logger="trainer.loop.train")
     trainer = Trainer(config)
     try:
         assert trainer.run().steps == 3

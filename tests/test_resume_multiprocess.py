@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from trainer.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
-from trainer.distributed import free_port
+from trainer.loop.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
+from trainer.loop.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -135,7 +135,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(straight, synthet
     assert {r["step"] for r in records if r.get("kind") == "validation"} == {0, *range(2, STEPS + 1, 2)}
     by_rank = {rank: "\n".join(p.read_text() for p in (tmp_path / "logs").glob(f"rank{rank}.*.log"))
                for rank in range(WORLD)}
-    assert "validation step" in by_rank[0] and "trainer.validation" not in by_rank[1]
+    assert "validation step" in by_rank[0] and "trainer.loop.validation" not in by_rank[1]
     assert (tmp_path / "run" / "learning_curve.png").is_file()
 
 

@@ -20,8 +20,8 @@ import yaml
 from cluster.cli import main as cli_main
 from test_resume_config import fast_config
 from trainer.config import dump_config
-from trainer.run_lock import LOCK_NAME, RunLock, RunLockedError
-from trainer.train import train
+from trainer.loop.run_lock import LOCK_NAME, RunLock, RunLockedError
+from trainer.loop.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_logged(synthetic_root,
     pid = dead_pid()
     (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": time.time() - 60,
                                              "command": "unsup3d train --config killed.yaml"}))
-    caplog.set_level(logging.WARNING, logger="trainer.run_lock")
+    caplog.set_level(logging.WARNING, logger="trainer.loop.run_lock")
     assert train(fast_config(synthetic_root, run, max_steps=1)).steps == 1
     assert f"taking over the stale lock {run / LOCK_NAME} of pid {pid}" in caplog.text and "is gone" in caplog.text
     assert not (run / LOCK_NAME).exists()  # released at the end of the run

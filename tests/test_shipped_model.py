@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.evaluate import load_model
-from trainer.sample_photos import CROPS, sample_photo
-from trainer.shipped_model import MAX_SHIPPED_BYTES, SHIPPED_CHECKPOINT, export_weights, shipped_checkpoint
+from trainer.results.evaluate import load_model
+from trainer.results.sample_photos import CROPS, sample_photo
+from trainer.results.shipped_model import MAX_SHIPPED_BYTES, SHIPPED_CHECKPOINT, export_weights, shipped_checkpoint
 
 # A pose is "the same" when the photo and its mirror image give yaws within this many degrees of
 # opposite (the view net's yaw spans +-60 degrees; faces are turned up to +-40).
@@ -76,8 +76,8 @@ def test_export_writes_a_weights_only_file_that_evaluate_loads(tiny_trained_run,
 def test_the_shipped_model_reads_the_pose_of_generated_faces(tmp_path):
     """The mirror test above would also pass for a model that always says yaw 0: this one reads the
     pose and the light of faces it has not seen (the test split's first 32 faces)."""
-    from trainer.face_generator import FaceConfig, generate_faces
-    from trainer.truth_probe import probe
+    from trainer.data.face_generator import FaceConfig, generate_faces
+    from trainer.results.truth_probe import probe
 
     generate_faces(str(tmp_path), FaceConfig(num_train=0, num_val=0, num_test=32))
     result = probe(str(shipped_checkpoint()), str(tmp_path), "test")

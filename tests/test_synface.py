@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.synface import SynfaceError, SynfaceFolder, decode_depth_png, encode_depth_png, write_sample
+from trainer.data.synface import SynfaceError, SynfaceFolder, decode_depth_png, encode_depth_png, write_sample
 
 S = 8  # small images keep these tests fast
 
@@ -115,7 +115,7 @@ def test_missing_depth_raises_or_skips(folder, caplog):
     missing.unlink()
     with pytest.raises(SynfaceError, match="b_image.png"):
         SynfaceFolder(folder, "test", image_size=S)
-    with caplog.at_level(logging.WARNING, logger="trainer.synface"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.synface"):
         data = SynfaceFolder(folder, "test", image_size=S, on_error="skip")
     assert [data[i]["name"] for i in range(len(data))] == ["a", "c"]
     assert data.skipped == {"missing_depth": 1}
@@ -137,7 +137,7 @@ def test_corrupt_png_raises_or_skips(folder, caplog, kind):
     strict = SynfaceFolder(folder, "test", image_size=S)  # lazy: the listing is fine
     with pytest.raises(SynfaceError, match="b_image.png"):
         strict[1]
-    with caplog.at_level(logging.WARNING, logger="trainer.synface"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.synface"):
         lenient = SynfaceFolder(folder, "test", image_size=S, on_error="skip")
     assert len(lenient) == 2 and lenient.skipped == {"unreadable_image": 1}
     assert "b_image.png" in caplog.text

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from trainer.render import geometry
-from trainer.synface import SynfaceFolder, decode_depth_png
-from trainer.synthetic import (
+from trainer.data.synface import SynfaceFolder, decode_depth_png
+from trainer.data.synthetic import (
     SyntheticConfig,
     _hsv_to_rgb,
     generate_synface,

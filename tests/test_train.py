@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cluster.cli import main as cli_main
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.loop.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import RunConfig, dump_config
-from trainer.train import train
+from trainer.loop.train import train
 
 
 def small_config(root, out_dir, **train_overrides) -> RunConfig:

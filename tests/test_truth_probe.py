@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.face_generator import FaceConfig, generate_faces, read_truth
-from trainer.truth_probe import depth_departure_correlation, pearson, probe
+from trainer.data.face_generator import FaceConfig, generate_faces, read_truth
+from trainer.results.truth_probe import depth_departure_correlation, pearson, probe
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_depth_departure_is_one_for_the_truth_and_zero_for_one_template(faces):
 
 
 def test_probe_and_evaluate_report_the_correlations(faces, tiny_trained_run):
-    from trainer.evaluate import evaluate
+    from trainer.results.evaluate import evaluate
 
     result = probe(str(tiny_trained_run / "checkpoints"), str(faces), "test")
     assert result["images"] == 12 and result["step"] == 1

@@ -13,10 +13,10 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from test_train import read_metrics, small_config
-from trainer.checkpoint import load_checkpoint, read_state
+from trainer.loop.checkpoint import load_checkpoint, read_state
 from trainer.config import ConfigError, load_run_config
-from trainer.learning_curve import Curve, curve_from_records, plot_learning_curve
-from trainer.train import Trainer, train
+from trainer.results.learning_curve import Curve, curve_from_records, plot_learning_curve
+from trainer.loop.train import Trainer, train
 
 METHODS = ("model", "constant_depth", "average_train_depth")
 
@@ -46,7 +46,7 @@ def validated_run(synthetic_root, tmp_path_factory):
         trainer.run()
     finally:
         trainer.engine.engine.destroy()
-    return out, trainer.monitor.metrics
+    return out, trainer.loop.monitor.metrics
 
 
 def test_a_run_records_validation_points_baselines_once_a_curve_and_gauges(validated_run):
@@ -140,7 +140,7 @@ def test_validation_is_off_without_a_split_with_depth_and_says_why_once(syntheti
     (root / "train").symlink_to(synthetic_root / "train")
     (root / "val" / "image").symlink_to(synthetic_root / "val" / "image")  # photos without depth
     config = fast_config(root, tmp_path / "run", max_steps=2, eval_every=1)
-    with caplog.at_level(logging.WARNING, logger="trainer.validation"):
+    with caplog.at_level(logging.WARNING, logger="trainer.loop.validation"):
         train(config)
     off = [r.getMessage() for r in caplog.records if "validation is off" in r.getMessage()]
     assert len(off) == 1 and "'val' or 'test'" in off[0], off
@@ -149,7 +149,7 @@ def test_validation_is_off_without_a_split_with_depth_and_says_why_once(syntheti
 
 
 def test_the_split_falls_back_to_test_and_can_be_chosen(synthetic_root, tmp_path):
-    from trainer.validation import load_validation_set
+    from trainer.loop.validation import load_validation_set
 
     root = tmp_path / "no_val"
     root.mkdir()
@@ -164,11 +164,11 @@ def test_the_split_falls_back_to_test_and_can_be_chosen(synthetic_root, tmp_path
 
 
 def test_a_streaming_run_validates_only_with_eval_data(synthetic_root, tmp_path, caplog):
-    from trainer.validation import Validator
+    from trainer.loop.validation import Validator
 
     config = fast_config(synthetic_root, tmp_path / "run", eval_every=5)
     records = []
-    with caplog.at_level(logging.WARNING, logger="trainer.validation"):
+    with caplog.at_level(logging.WARNING, logger="trainer.loop.validation"):
         Validator(config, tmp_path / "run", True, False, records.append, None).start(None, 0)
     assert "train.eval_data" in caplog.text and not records
 

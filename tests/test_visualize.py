@@ -1,4 +1,4 @@
-"""trainer.visualize: the validation grid hook, views from other angles, relighting conventions."""
+"""trainer.results.visualize: the validation grid hook, views from other angles, relighting conventions."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import visualize as vis
+from trainer.results import visualize as vis
 from trainer.config import ModelConfig
-from trainer.demo import LIGHTS
-from trainer.model import Unsup3D
+from trainer.results.demo import LIGHTS
+from trainer.model.unsup3d import Unsup3D
 from trainer.render.renderer import Renderer, RendererConfig
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from trainer.config_loading import (ConfigError, check_choice, check_float, check_int, check_name, load_yaml_config,
                                     require, to_dict)
-from trainer.perceptual import PerceptualConfig
+from trainer.model.perceptual import PerceptualConfig
 from trainer.render.renderer import PIXEL_CENTRES
 
 
@@ -195,8 +195,8 @@ class SyntheticDataConfig:
     """Synthetic data generated into data.root when it does not exist yet."""
 
     kind: str = "blobs"
-    """'faces' (realistic people rendered from MakeHuman's CC0 head model: trainer/face_generator.py)
-    or 'blobs' (probably-symmetric coloured bumps: trainer/synthetic.py, a fast test fixture)."""
+    """'faces' (realistic people rendered from MakeHuman's CC0 head model: trainer/data/face_generator.py)
+    or 'blobs' (probably-symmetric coloured bumps: trainer/data/synthetic.py, a fast test fixture)."""
     num_train: int = 2000
     """Training images."""
     num_val: int = 100
@@ -289,7 +289,7 @@ class TrainConfig:
     """Validate every this many steps, at the start of a run from step 0 (the untrained model) and at
     its end: SIDE and MAD of the model on a fixed subset of a split with ground-truth depth, beside
     the constant-depth and average-train-depth baselines (computed once), into metrics.jsonl, the
-    Prometheus metrics, the log and <out_dir>/learning_curve.png (trainer/validation.py). Rank 0
+    Prometheus metrics, the log and <out_dir>/learning_curve.png (trainer/loop/validation.py). Rank 0
     only; exact resume is unaffected. 0 or null: off. Off (logged once) without such a split."""
     eval_images: int = 200
     """Images of that subset: evenly spaced over the split's pairs sorted by name, the same every time."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import visualize as vis
+from trainer.results import visualize as vis
 from trainer.render.geometry import depth_to_normals, intrinsics
 
 METHOD_TITLES = {

@@ -1,7 +1,7 @@
 """The training loop's side of monitoring: what the Trainer records into monitoring/ and when.
 
 The Trainer holds one TrainMonitor (self.monitor) and calls it from run(), train_step(), save() and
-rollback(), and its Validator (trainer/validation.py) with validation scores; everything here is a
+rollback(), and its Validator (trainer/loop/validation.py) with validation scores; everything here is a
 no-op when monitoring.enabled is false (the progress bar has its own switch). The step-time
 breakdown uses a SectionTimer that exists only when metrics are enabled (on CUDA it synchronises at
 section edges, which costs a little throughput).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.timing import NO_TIMER, SectionTimer
+from trainer.loop.timing import NO_TIMER, SectionTimer
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class TrainMonitor:
         self._step_started += seconds
 
     def validation_baselines(self, record: dict, images: int) -> None:
-        """The baselines of validation (a "validation_baselines" record of trainer/validation.py)."""
+        """The baselines of validation (a "validation_baselines" record of trainer/loop/validation.py)."""
         if self.metrics is None:
             return
         self.metrics.validation_images.set(images)
@@ -191,7 +191,7 @@ class TrainMonitor:
                                                block["mad_deg_exact"]["mean"])
 
     def validated(self, step: int, block: dict, seconds: float) -> None:
-        """The model's validation scores at `step` (a metric block of trainer/evaluate.py)."""
+        """The model's validation scores at `step` (a metric block of trainer/results/evaluate.py)."""
         if self.metrics is None:
             return
         self.metrics.record_validation("model", block["side_x1e-2"]["mean"], block["mad_deg_reference"]["mean"],

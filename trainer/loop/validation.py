@@ -1,7 +1,7 @@
 """Validation during training (train.eval_every): SIDE and MAD (SPEC 6) of the model on a fixed
 subset of a split with ground-truth depth, beside the constant-depth and average-training-depth
 baselines, recorded in metrics.jsonl, in the Prometheus metrics and in the log, and drawn as
-<out_dir>/learning_curve.png (trainer/learning_curve.py).
+<out_dir>/learning_curve.png (trainer/results/learning_curve.py).
 
 What: train.eval_data (default: data.root when the run trains from that folder; a run streaming
 shards validates only when eval_data is set), split train.eval_split (default "val", else "test"),
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 from trainer.config import check_eval_settings
-from trainer.evaluate import (METRICS, average_training_depth, baseline_predictions, depth_metrics, fixed_subset,
+from trainer.results.evaluate import (METRICS, average_training_depth, baseline_predictions, depth_metrics, fixed_subset,
                               metric_block)
-from trainer.learning_curve import (BASELINES, BASELINES_KIND, VALIDATION_KIND, curve_from_records,
+from trainer.results.learning_curve import (BASELINES, BASELINES_KIND, VALIDATION_KIND, curve_from_records,
                                     plot_learning_curve, read_records)
-from trainer.model import Unsup3D
+from trainer.model.unsup3d import Unsup3D
 from trainer.render.geometry import intrinsics
-from trainer.synface import SynfaceError, SynfaceFolder
+from trainer.data.synface import SynfaceError, SynfaceFolder
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@ baselines computed in the same run on the same images and masks: a constant dept
 pixelwise average ground-truth depth of the training split.
 
 Besides the JSON-ready summary, evaluation keeps every image's values (PerImage) and the inputs,
-renders and errors of the images the model does worst on (by SIDE), from which trainer.report
+renders and errors of the images the model does worst on (by SIDE), from which trainer.results.report
 writes a human report (report.md, error histograms, worst cases as panels).
 
 evaluate_checkpoints scores every checkpoint kept in a run's checkpoints folder on the same images
-and draws their learning curve (trainer/learning_curve.py, shared with the training loop's
-validation in trainer/validation.py, which uses depth_metrics and fixed_subset from here too).
+and draws their learning curve (trainer/results/learning_curve.py, shared with the training loop's
+validation in trainer/loop/validation.py, which uses depth_metrics and fixed_subset from here too).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, one_line
+from trainer.loop.checkpoint import CheckpointError, load_checkpoint, one_line
 from trainer.config import ModelConfig
 from trainer.config_loading import ConfigError, from_dict, parse_yaml
-from trainer.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
-from trainer.model import Unsup3D
+from trainer.results.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
+from trainer.model.unsup3d import Unsup3D
 from trainer.render.geometry import intrinsics
-from trainer.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
+from trainer.data.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def depth_metrics(depth: torch.Tensor, recon_mask: torch.Tensor, gt: torch.Tenso
 
     depth: the prediction in the input view [B, S, S]; recon_mask: where it is rendered (all ones for
     the baselines); gt: ground-truth depth (float64). The one place both evaluate and the training
-    loop's validation (trainer/validation.py) compute SIDE and the two MADs, so their numbers agree.
+    loop's validation (trainer/loop/validation.py) compute SIDE and the two MADs, so their numbers agree.
     """
     mask = evaluation_mask(recon_mask, gt)
     K = K.to(gt)
@@ -286,7 +286,7 @@ def evaluate_detailed(checkpoint: str, data: str, split: str = "test", batch_siz
 
 def _reconstruction(model, out, batch: int) -> torch.Tensor:
     """The model's input-view image of the original branch, white where nothing is rendered."""
-    from trainer.visualize import reconstruction
+    from trainer.results.visualize import reconstruction
 
     return reconstruction(model, out)[:batch]
 
@@ -297,7 +297,7 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
              min_image_size: int | None = None) -> dict:
     """Evaluate; returns a JSON-ready dict. on_error='skip' skips and counts unreadable pairs, 'raise' stops.
 
-    report_dir: also write the human report there (trainer.report; "auto" = default_report_dir);
+    report_dir: also write the human report there (trainer.results.report; "auto" = default_report_dir);
     the dict then names report.md under "report". worst: how many worst images the report draws.
     images: only that many pairs, evenly spaced by name (fixed_subset); None: the whole split.
     """
@@ -307,7 +307,7 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
                                                         min_image_size=min_image_size)
     add_truth_correlation(results, checkpoint, data, split, batch_size, device)
     if report_dir is not None:
-        from trainer.report import write_report
+        from trainer.results.report import write_report
 
         if str(report_dir) == "auto":
             report_dir = default_report_dir(checkpoint, split, results["step"])
@@ -318,9 +318,9 @@ def evaluate(checkpoint: str, data: str, split: str = "test", batch_size: int = 
 def add_truth_correlation(results: dict, checkpoint: str, data: str, split: str, batch_size: int, device: str) -> None:
     """When the split holds the face generator's truth (truth.npz), add results["truth_correlation"]:
     how the predicted pose, light and per-image depth correlate with it, over the whole split
-    (trainer/truth_probe.py)."""
-    from trainer.face_generator import read_truth
-    from trainer.truth_probe import probe
+    (trainer/results/truth_probe.py)."""
+    from trainer.data.face_generator import read_truth
+    from trainer.results.truth_probe import probe
 
     if read_truth(data, split) is None:
         return
@@ -330,8 +330,8 @@ def add_truth_correlation(results: dict, checkpoint: str, data: str, split: str,
 
 def checkpoints_in(folder: str | Path) -> list[Path]:
     """Every checkpoint kept in a run's checkpoints folder (or the run folder holding one), oldest
-    first: the step_N directories trainer/checkpoint.py writes, and single-file step_N.pt of earlier versions."""
-    from trainer.checkpoint import STATE_FILE, CheckpointManager
+    first: the step_N directories trainer/loop/checkpoint.py writes, and single-file step_N.pt of earlier versions."""
+    from trainer.loop.checkpoint import STATE_FILE, CheckpointManager
 
     folder = Path(folder)
     if (folder / STATE_FILE).is_file() or folder.is_file():
@@ -358,7 +358,7 @@ def default_curve_path(folder: str | Path, split: str) -> Path:
 def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", batch_size: int = 64, device: str = "auto",
                          on_error: str = "skip", images: int | None = None, curve: str | Path | None = None) -> dict:
     """Evaluate every checkpoint kept in `folder` on the same images, oldest first, and draw the
-    learning curve (trainer/learning_curve.py) of their scores against the step.
+    learning curve (trainer/results/learning_curve.py) of their scores against the step.
 
     Writes the PNG to `curve` (default_curve_path when None) and, beside it, a JSON of every point
     (the same name with .json). Returns that JSON's dict: "points" (step and the model's means),
@@ -367,7 +367,7 @@ def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", bat
     """
     import json
 
-    from trainer.learning_curve import curve_from_evaluations, plot_learning_curve
+    from trainer.results.learning_curve import curve_from_evaluations, plot_learning_curve
 
     paths = checkpoints_in(folder)
     averages: dict = {}  # average training depth by image size, read once

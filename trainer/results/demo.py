@@ -6,7 +6,7 @@ For each input image, in <out>/<name>/:
   conf_perceptual.png, conf_perceptual_flip.png (no conf_* for a model without confidence net),
   relight_<name>.png for each light, view_yaw<+N>.png for each yaw (view_yaw-22.5.png, view_yaw+0.png, ...): tile x tile pixels each;
 - summary.png: all of them, labelled, in one picture (summary_size gives its size);
-- mesh.obj + mesh.mtl + mesh_albedo.png: the canonical depth as a textured mesh (trainer.mesh);
+- mesh.obj + mesh.mtl + mesh_albedo.png: the canonical depth as a textured mesh (trainer.results.mesh);
 - rotation.gif: the shape turning (textured | bare shape side by side), gif_frames frames.
 And <out>/demo.json: what was written, per image, and the inputs that could not be read.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer import visualize as vis
-from trainer.mesh import write_textured_mesh
+from trainer.results import visualize as vis
+from trainer.results.mesh import write_textured_mesh
 from trainer.render.geometry import intrinsics
-from trainer.synface import DEFAULT_MAX_PIXELS, ImageSizeError, default_min_size, open_image_quietly, size_problem
+from trainer.data.synface import DEFAULT_MAX_PIXELS, ImageSizeError, default_min_size, open_image_quietly, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def write_image_outputs(folder: Path, i: int, batch: dict, images: torch.Tensor,
 def run_demo(checkpoint: str, input_path: str, out_dir: str, device: str = "auto",
              options: DemoOptions | None = None) -> dict:
     """Write the demo outputs of every readable image under input_path; returns (and writes) demo.json."""
-    from trainer.evaluate import load_model
+    from trainer.results.evaluate import load_model
 
     options = options or DemoOptions()
     torch_device = resolve_device(device)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.render import geometry
-from trainer.synface import FAR_DEPTH, NEAR_DEPTH, write_sample
+from trainer.data.synface import FAR_DEPTH, NEAR_DEPTH, write_sample
 
 SPLITS = ("train", "val", "test")
 _SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}

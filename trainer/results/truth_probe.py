@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.evaluate import load_model
-from trainer.face_generator import read_truth
-from trainer.synface import FAR_DEPTH, SynfaceFolder
+from trainer.results.evaluate import load_model
+from trainer.data.face_generator import read_truth
+from trainer.data.synface import FAR_DEPTH, SynfaceFolder
 
 # The face region of the depth departure: pixels that are on the face in at least this share of
 # the truth's canonical maps.

@@ -10,7 +10,7 @@ pixel centres, as the synface reader and evaluate expect.
 Beside the synface files, each split gets `truth.npz` with what the model is meant to recover: the
 view and light in the model's own parameterisation (raw net outputs in [-1, 1], SPEC 2), the pose in
 degrees, and the canonical (frontal) depth of each face, so diagnostics can correlate predictions
-with the truth (see trainer/truth_probe.py).
+with the truth (see trainer/results/truth_probe.py).
 
 Deterministic in the seed: image i of a split comes from its own random stream, whatever the batch
 size or the number of images asked for.
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.head_model import ETHNICITIES, HeadModel, load_head_model
+from trainer.data.head_model import ETHNICITIES, HeadModel, load_head_model
 from trainer.render import geometry
 from trainer.render.rasterizer import rasterize_depth
 from trainer.render.renderer import supersampled_intrinsics
-from trainer.synface import FAR_DEPTH, NEAR_DEPTH, write_sample
-from trainer.synthetic import SPLITS
+from trainer.data.synface import FAR_DEPTH, NEAR_DEPTH, write_sample
+from trainer.data.synthetic import SPLITS
 
 TRUTH_FILE = "truth.npz"
 # Foreground depth is kept a hair nearer than 1.1 so that it never encodes as the background byte 0.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import EngineConfig, RunConfig
-from trainer.model import Decomposition, Unsup3D
+from trainer.model.unsup3d import Decomposition, Unsup3D
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
     """deepspeed.initialize over the five nets; the process group must exist already."""
     import deepspeed
 
-    from trainer.checkpoint import install_safe_deepspeed_loader
+    from trainer.loop.checkpoint import install_safe_deepspeed_loader
 
     engine_config = resolve_engine_config(config)
     if engine_config.precision == "fp16" and device.type != "cuda":

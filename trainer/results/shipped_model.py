@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, load_model_weights
+from trainer.loop.checkpoint import CheckpointError, load_model_weights
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "unsup3d-faces64.pt"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "unsup3d-faces64.pt"
 # Largest file we commit to the repository.
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024
 

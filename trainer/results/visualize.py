@@ -348,7 +348,7 @@ def validation_images(root: str | Path, splits: str | Sequence[str] = ("val", "t
                       image_size: int = 64) -> torch.Tensor:
     """A fixed validation set: the first `count` images (by name) of the first of `splits` that exists
     in the synface-layout folder root, [N, 3, S, S] in [-1, 1]. The same images every call."""
-    from trainer.synface import SynfaceFolder
+    from trainer.data.synface import SynfaceFolder
 
     splits = [splits] if isinstance(splits, str) else list(splits)
     for split in splits:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from trainer.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
+from trainer.data.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
 
 logger = logging.getLogger(__name__)
 

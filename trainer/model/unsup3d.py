@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import LossConfig, ModelConfig
-from trainer.losses import perceptual_loss, photometric_loss, smoothness_loss
-from trainer.nets import ConfidenceNet, Encoder, EncoderDecoder
-from trainer.perceptual import PerceptualNet
+from trainer.model.losses import perceptual_loss, photometric_loss, smoothness_loss
+from trainer.model.nets import ConfidenceNet, Encoder, EncoderDecoder
+from trainer.model.perceptual import PerceptualNet
 from trainer.render.geometry import view_to_rotation_translation
 from trainer.render.renderer import Renderer, RendererConfig
-from trainer.timing import NO_TIMER, SectionTimer
+from trainer.loop.timing import NO_TIMER, SectionTimer
 
 
 def map_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ after engine.max_nonfinite_steps in a row the run rolls back to the last checkpo
 
 The loop runs on whatever process group it finds (torchrun, the DeepSpeed launcher, Ray Train) or a
 local world of one; metrics and logs come from rank 0, and so does validation (SIDE and MAD on a
-fixed subset of a split with depth every train.eval_every steps, trainer/validation.py).
+fixed subset of a split with depth every train.eval_every steps, trainer/loop/validation.py).
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from trainer.checkpoint import (CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files,
+from trainer.loop.checkpoint import (CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files,
                                 write_atomically)
 from trainer.config import RunConfig, dump_config, model_config_hash
-from trainer.distributed import ProcessGroup, all_gather_object, any_rank, init_process_group
-from trainer.engine import Engine, build_engine
-from trainer.folder_data import FolderBatches
-from trainer.model import Unsup3DLoss
-from trainer.monitor import TrainMonitor
-from trainer.perceptual import build_perceptual_net
-from trainer.validation import Validator
-from trainer.run_lock import RunLock, RunLockedError
+from trainer.loop.process_group import ProcessGroup, all_gather_object, any_rank, init_process_group
+from trainer.loop.engine import Engine, build_engine
+from trainer.data.folder_data import FolderBatches
+from trainer.model.unsup3d import Unsup3DLoss
+from trainer.loop.monitor import TrainMonitor
+from trainer.model.perceptual import build_perceptual_net
+from trainer.loop.validation import Validator
+from trainer.loop.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,13 @@ def prepare_data(config: RunConfig) -> None:
         return
     log.info("generating synthetic %s into %s", gen.kind, root)
     if gen.kind == "faces":
-        from trainer.face_generator import FaceConfig, generate_faces
+        from trainer.data.face_generator import FaceConfig, generate_faces
 
         generate_faces(str(root), FaceConfig(image_size=config.model.image_size, num_train=gen.num_train,
                                              num_val=gen.num_val, num_test=gen.num_test, seed=gen.seed,
                                              background=gen.background))
         return
-    from trainer.synthetic import main_generate
+    from trainer.data.synthetic import main_generate
 
     main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background,
                   gen.albedo_hues)
@@ -164,7 +164,7 @@ class Trainer:
     def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None,
                  lock_out_dir: bool = True):
         """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook).
-        `lock_out_dir`: rank 0 holds out_dir's run lock (trainer/run_lock.py) until close(); False where the
+        `lock_out_dir`: rank 0 holds out_dir's run lock (trainer/loop/run_lock.py) until close(); False where the
         caller holds it already (the Ray driver)."""
         self.config = config
         self.out_dir = Path(config.train.out_dir)
@@ -179,7 +179,7 @@ class Trainer:
 
     def _lock_out_dir(self) -> RunLock | None:
         """Rank 0 takes the lock before anything is written to out_dir; every rank raises if it is held."""
-        from trainer.distributed import broadcast_object
+        from trainer.loop.process_group import broadcast_object
 
         lock, refused = None, None
         if self.group.is_main:
@@ -211,7 +211,7 @@ class Trainer:
         if data is None:
             if self.group.is_main:
                 prepare_data(config)
-            from trainer.distributed import barrier
+            from trainer.loop.process_group import barrier
 
             barrier()
             data = FolderBatches(config.data.root, config.data.split, config.model.image_size, config.data.batch_size,
@@ -234,10 +234,10 @@ class Trainer:
         self._pending_records: list[dict] = []  # recorded once metrics.jsonl is open
         self._validation_images: torch.Tensor | None = None
         self._first_images: torch.Tensor | None = None
-        # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/monitor.py.
+        # Metrics (monitoring/), the step-time breakdown and the local progress bar: trainer/loop/monitor.py.
         self.monitor = TrainMonitor(config, self.group, self.device, self.total_steps, self.out_dir)
         self.timer = self.monitor.timer
-        # SIDE and MAD on a fixed validation subset every train.eval_every steps (rank 0): trainer/validation.py.
+        # SIDE and MAD on a fixed validation subset every train.eval_every steps (rank 0): trainer/loop/validation.py.
         self.validator = Validator(config, self.out_dir, self.group.is_main, trains_from_root, self.record,
                                    self.monitor)
         if self.timer.enabled:  # the engine calls module.forward -> decompose(image): hand it the timer
@@ -329,7 +329,7 @@ class Trainer:
 
     def visualize(self) -> None:
         """The validation grid of this step, next to the checkpoints."""
-        from trainer.visualize import save_validation_grid, validation_images
+        from trainer.results.visualize import save_validation_grid, validation_images
 
         if self._validation_images is None:
             count = self.config.train.visualize_count

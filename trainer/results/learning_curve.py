@@ -4,7 +4,7 @@ two baselines as horizontal lines, drawn into one PNG.
 Two sources, one drawing (plot_learning_curve):
 - a run's metrics.jsonl (curve_from_metrics): the records the training loop writes every
   train.eval_every steps (kind "validation"; the one at step 0 is the untrained model) and its
-  baselines record (kind "validation_baselines"); see trainer/validation.py;
+  baselines record (kind "validation_baselines"); see trainer/loop/validation.py;
 - `unsup3d evaluate --all-checkpoints` (curve_from_evaluations): one evaluate() dict per checkpoint.
 
 matplotlib is used through its object API on the Agg canvas (no pyplot, no global backend), so

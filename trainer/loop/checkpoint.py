@@ -157,7 +157,7 @@ class SaveHook(Protocol):
 def directory_leader(directory: Path, rank: int) -> int:
     """Collective: the lowest rank that sees the same `directory` as this one (each rank drops a marker
     file into a folder named by a token fresh for this call, so markers of killed runs never count)."""
-    from trainer.distributed import barrier, broadcast_object
+    from trainer.loop.process_group import barrier, broadcast_object
 
     marks = Path(directory) / f".ranks_{broadcast_object(secrets.token_hex(8) if rank == 0 else None)}"
     marks.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class CheckpointManager:
              rank: int) -> Path:
         """Collective: every rank calls it. `shared` and `per_rank` (every rank's entry, the same list on
         all ranks) must hold only tensors, numbers, strings, lists and dicts; `model_state` is rank 0's."""
-        from trainer.distributed import all_gather_object, barrier, broadcast_object
+        from trainer.loop.process_group import all_gather_object, barrier, broadcast_object
 
         if self._leader is None:
             self._leader = directory_leader(self.directory, rank)
