@@ -130,7 +130,7 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
     """deepspeed.initialize over the five nets; the process group must exist already."""
     import deepspeed
 
-    from trainer.loop.checkpoint import install_safe_deepspeed_loader
+    from trainer.loop.checkpoint_load import install_safe_deepspeed_loader
 
     engine_config = resolve_engine_config(config)
     if engine_config.precision == "fp16" and device.type != "cuda":
