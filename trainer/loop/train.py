@@ -152,9 +152,6 @@ class Trainer:
         # SIDE and MAD on a fixed validation subset every train.eval_every steps (rank 0): trainer/loop/validation.py.
         self.validator = Validator(config, self.out_dir, self.group.is_main, trains_from_root, self.record,
                                    self.monitor)
-        if self.timer.enabled:  # the engine calls module.forward -> decompose(image): hand it the timer
-            module = self.engine.module
-            module.decompose = lambda image, timer=self.timer: type(module).decompose(module, image, timer)
 
     # --- checkpoints -------------------------------------------------------------------------
     def restore(self, path: Path) -> None:
@@ -273,7 +270,7 @@ class Trainer:
                 self._first_images = image.detach().clone()
                 self.monitor.count_flops(self.engine.module, self.criterion, image, self.data.epoch)
             with timer("forward"):
-                decomposition = ds(image)
+                decomposition = ds(image, timer=timer)  # TrainModule.forward -> decompose(image, timer)
             with timer("loss"):
                 terms = self.criterion(image, decomposition, epoch=self.data.epoch, timer=timer)
             self.engine.watch.check_loss(terms["total"])
