@@ -13,7 +13,7 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from test_train import read_metrics, small_config
-from trainer.loop.checkpoint import load_checkpoint, read_state
+from trainer.loop.checkpoint_load import load_checkpoint, read_state
 from trainer.config import ConfigError, load_run_config
 from trainer.results.learning_curve import Curve, curve_from_records, plot_learning_curve
 from trainer.loop.train import Trainer, train
