@@ -81,33 +81,62 @@ def _train_here(config) -> dict:
     return {"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}
 
 
+def _parse_settings(settings: list[str]) -> dict:
+    """--set KEY=VALUE (repeatable): any key of the run config, the value read as YAML (`--set
+    data.batch_size=8`, `--set train.eval_every=null`); checked like the file's own keys."""
+    import yaml
+
+    parsed = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {setting!r}: expected KEY=VALUE, e.g. --set data.batch_size=8")
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return parsed
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.job_config import check_sources, load_job_config
 
     # Command-line overrides go into the file's data, so they are checked (and named) like its keys.
     overrides = {key: value for key, value in (("train.out_dir", args.out_dir), ("train.max_steps", args.max_steps),
                                                ("category", args.category)) if value is not None}
+    overrides.update(_parse_settings(args.set or []))
     config = load_job_config(args.config, overrides)
     if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
         check_sources(config, args.config)
     if not _use_ray(args):
-        summary = _train_in_process(config)
+        from cluster.console import quiet_libraries
+
+        with quiet_libraries(config.train.out_dir):  # DeepSpeed's own lines: <out_dir>/logs/deepspeed.log
+            summary = _train_in_process(config)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary))
         return 0
 
-    from cluster.ray_train import Resources, connect, run_training, summarize_run
+    from cluster.ray_train import Resources, connect, local_cpus_per_worker, run_training
 
-    resources = Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
-    how = connect(args.address)
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    cpus = args.cpus_per_worker
+    if cpus is None:  # an embedded Ray gives training the machine; a cluster worker asks for one CPU
+        cpus = local_cpus_per_worker(args.workers) if embedded else 1.0
+    resources = Resources(workers=args.workers, cpus_per_worker=cpus, gpus_per_worker=args.gpus_per_worker,
+                          max_failures=args.max_failures)
+    from cluster.console import EmbeddedRayConsole
+
+    console = EmbeddedRayConsole(config.train.out_dir) if embedded else None
     try:
-        final = run_training(config, resources, run_name=args.run_name)
-    finally:
-        if how == "local":  # the embedded Ray is ours: stop it (never `ray stop`, which stops every Ray here)
-            import ray
+        how = connect(args.address, console=console)
+        try:
+            final = run_training(config, resources, run_name=args.run_name)
+        finally:
+            if how == "local":  # the embedded Ray is ours: stop it (never `ray stop`, which stops every Ray here)
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    finally:
+        if console is not None:
+            console.close()
     print(json.dumps(final))
     return 0
 
@@ -237,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="override train.out_dir")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--category", help="override category (also the metrics label)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set data.batch_size=8 (repeatable; the value is YAML)")
     add_ray_arguments(p)
     p.add_argument("--workers", type=int, default=1,
                    help="Ray Train workers (one DeepSpeed rank each); 0 trains in this process without Ray")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="Ray CPUs (and torch threads) per worker; default: an embedded Ray splits every core of this "
+                        "machine among the workers, a cluster gives each worker 1")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU nodes (then NCCL)")
     p.add_argument("--max-failures", type=int, default=3,
                    help="times the worker group is restarted (from the latest checkpoint) after a worker dies")
@@ -335,6 +368,11 @@ def _generate_synthetic(root, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait by sleeping, not spinning (unless the environment says otherwise): on a
+    # machine shared with other jobs, torch with 2 spinning threads on 2 busy cores trained about 10x
+    # slower than with 1 thread, and with passive waiting 2 threads were the faster (BENCHMARKS.md,
+    # "Embedded Ray uses every core"). Set before torch loads OpenMP; Ray's processes inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
