@@ -46,7 +46,7 @@ def validated_run(synthetic_root, tmp_path_factory):
         trainer.run()
     finally:
         trainer.engine.engine.destroy()
-    return out, trainer.loop.monitor.metrics
+    return out, trainer.monitor.metrics
 
 
 def test_a_run_records_validation_points_baselines_once_a_curve_and_gauges(validated_run):
