@@ -168,7 +168,10 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
     with open(path, "a", encoding="utf-8", buffering=1) as sink, contextlib.redirect_stdout(sink):
         # Imported with stdout redirected: DeepSpeed's logger binds its handler to sys.stdout at import
         # and reports the accelerator it found right away.
-        import deepspeed.utils  # noqa: F401
+        try:
+            import deepspeed.utils  # noqa: F401
+        except ImportError:  # without the engine extra the trainer says what is missing
+            pass
 
         handlers = [h for h in logging.getLogger("DeepSpeed").handlers if isinstance(h, logging.StreamHandler)]
         before = [h.setStream(sink) for h in handlers]
