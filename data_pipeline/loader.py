@@ -12,7 +12,7 @@
     checkpoint["data"] = loader.state_dict()
 
 Threads: reader workers (stream.py) fetch and validate shards; one producer thread assembles batches and
-runs DALI, `prefetch_batches` ahead; the trainer's thread only takes finished batches. The position and the
+runs DALI (or PIL where DALI is not installed: pil_decode.py), `prefetch_batches` ahead; the trainer's thread only takes finished batches. The position and the
 epoch's counters advance when the trainer takes a batch, so state_dict() describes exactly what the
 trainer has seen, never what is merely prefetched.
 
@@ -34,6 +34,7 @@ import torch
 from data_pipeline import validate as V
 from data_pipeline.config import LoaderConfig
 from data_pipeline.dali_decode import DaliDecoder, resolve_decode_device
+from data_pipeline.pil_decode import PilDecoder, announce_pil_fallback, dali_available
 from data_pipeline.shards import load_manifest
 from data_pipeline.storage import RetryStats, open_storage
 from data_pipeline.stream import Delivered, Position, RankStream, ShardEnd, Skipped
@@ -110,7 +111,7 @@ class TrainLoader:
         self._dataset_id = hashlib.sha256("".join(s.sha256 for s in self.manifest.shards).encode()).hexdigest()[:16]
         self._position = Position()
         self._counters = V.Counters()
-        self._decoder: DaliDecoder | None = None
+        self._decoder: DaliDecoder | PilDecoder | None = None
         self._producer: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
@@ -119,9 +120,11 @@ class TrainLoader:
 
     @property
     def decoder_device(self) -> str:
-        """Where DALI decodes images: "mixed" (GPU) or "cpu"."""
+        """Where images are decoded: "mixed" (DALI on the GPU) or "cpu" (DALI, or PIL where DALI is missing)."""
         if self._decoder is not None:
             return self._decoder.decoder_device
+        if not dali_available():
+            return "cpu"
         return resolve_decode_device(self.config.decode_device, self.device)
 
     # Position ------------------------------------------------------------------------------------
@@ -290,6 +293,16 @@ class TrainLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _make_decoder(self) -> DaliDecoder | PilDecoder:
+        """DALI where it is installed; PIL otherwise (said once in the log), or an error if the GPU was asked for."""
+        if dali_available():
+            return DaliDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device,
+                               self.config.decode_device, self.config.dali_threads, self.config.seed)
+        if self.config.decode_device == "mixed":
+            raise ValueError("decode_device=mixed needs DALI, which is not installed (pip install 'unsup3d[data]')")
+        announce_pil_fallback()
+        return PilDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device)
+
     def _put(self, out: queue.Queue, stop: threading.Event, record: _Record) -> bool:
         while not stop.is_set():
             try:
@@ -302,8 +315,7 @@ class TrainLoader:
     def _produce(self, position: Position, stop: threading.Event, out: queue.Queue) -> None:
         try:
             if self._decoder is None:
-                self._decoder = DaliDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device,
-                                            self.config.decode_device, self.config.dali_threads, self.config.seed)
+                self._decoder = self._make_decoder()
             epoch = position.epoch
             items = self.stream.items(position, stop)
             try:
