@@ -24,15 +24,24 @@ from data_pipeline.config import LoaderConfig
 log = logging.getLogger(__name__)
 
 
-def folder_loader_config(config, shards: str) -> LoaderConfig:
-    """The loader settings of a run that trains from data.root, its folder prepared into `shards`."""
+KEEP_IN_MEMORY_BYTES = 2 << 30
+"""A folder whose decoded images (uint8, 3 bytes a pixel, plus depth) fit in this is kept in memory."""
+
+
+def folder_loader_config(config, entry) -> LoaderConfig:
+    """The loader settings of a run that trains from data.root, its folder prepared into `entry` (FolderShards)."""
+    size = config.model.image_size
     return LoaderConfig(
-        shards=shards, batch_size=config.data.batch_size, image_size=config.model.image_size,
+        shards=entry.path, batch_size=config.data.batch_size, image_size=size,
         seed=config.train.seed, hflip_probability=config.data.hflip_probability,
         max_image_pixels=config.data.max_image_pixels,
         # Local files of a few MB: one reader thread keeps up, and DALI's CPU pool of one thread decodes a
         # batch of small images in milliseconds; more threads only compete with training for the cores.
-        num_workers=1, dali_threads=1, prefetch_batches=4)
+        num_workers=1, dali_threads=1, prefetch_batches=4,
+        # Reading, checking and decoding every image every epoch cost about 1 ms an image on one core here,
+        # a few per cent of a 2-core machine's training time (BENCHMARKS.md, "One data path"); a folder that
+        # fits in memory is read and decoded once, as the in-memory folder loader this path replaced did.
+        keep_in_memory=entry.manifest.num_samples * size * size * 4 <= KEEP_IN_MEMORY_BYTES)
 
 
 def prepare_folder(config):
@@ -68,7 +77,7 @@ def batch_source(config):
             raise RuntimeError(f"rank 0 could not prepare data.root: {failure}")
         if entry is None:  # rank 0's entry, or this node's own where data.root is not a shared folder
             entry = prepare_folder(config)
-        return StreamingBatches(folder_loader_config(config, entry.path), rank=group.rank,
+        return StreamingBatches(folder_loader_config(config, entry), rank=group.rank,
                                 world_size=group.world_size, device=device, reads_data_root=True,
                                 prepare_skipped=entry.skipped)
 

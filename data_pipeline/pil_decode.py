@@ -61,7 +61,12 @@ class PilDecoder:
 
     decoder_device = "cpu"
 
-    def __init__(self, image_size: int, max_batch_size: int, with_depth: bool, device: torch.device | str = "cpu"):
+    def __init__(self, image_size: int, max_batch_size: int, with_depth: bool, device: torch.device | str = "cpu",
+                 raw: bool = False):
+        """`raw`: as DaliDecoder's (uint8 [B,S,S,3] images and [B,S,S] depth bytes, unflipped, on the CPU)."""
+        self.raw = raw
+        if raw:
+            device = "cpu"
         self.image_size = image_size
         self.max_batch_size = max_batch_size
         self.with_depth = with_depth
@@ -71,11 +76,11 @@ class PilDecoder:
     def _image(self, data: bytes, flip: bool) -> np.ndarray:
         array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         array = _resize_crop(array, self.image_size, Image.BILINEAR)
-        return array[:, ::-1] if flip else array
+        return array[:, ::-1] if flip and not self.raw else array
 
     def _depth(self, depth: np.ndarray, flip: bool) -> np.ndarray:
         array = _resize_crop(np.ascontiguousarray(depth[:, :, 0]), self.image_size, Image.BILINEAR)
-        return array[:, ::-1] if flip else array
+        return array[:, ::-1] if flip and not self.raw else array
 
     def decode(self, images: list[bytes], flips: list[bool], depths: list[np.ndarray] | None = None
                ) -> tuple[dict[str, torch.Tensor], list[DecodeFailure]]:
@@ -96,6 +101,11 @@ class PilDecoder:
                 failures.append(DecodeFailure(i, f"PIL: {type(error).__name__}: {error}"))
         if not rgb:
             return {}, failures
+        if self.raw:
+            result = {"image": torch.from_numpy(np.stack(rgb))}
+            if self.with_depth:
+                result["depth"] = torch.from_numpy(np.stack(depth))
+            return result, failures
         image = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         result = {"image": image.contiguous()}
         if self.with_depth:

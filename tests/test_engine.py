@@ -156,7 +156,8 @@ def test_gradient_accumulation_consumes_micro_batches(synthetic_root, tmp_path):
     config.engine.zero_stage = 1  # ZeRO reports the global gradient norm
     train(config)
     state = load_checkpoint(tmp_path / "run" / "checkpoints")
-    assert state["data"]["epoch"] == 0 and state["data"]["offset"] == 3 * 2 * 4  # 96 samples: one shard
+    # 3 steps of 2 micro-batches of 4 read 24 samples: the stream's position, 96 samples in 8 shards of 12
+    assert state["data"]["epoch"] == 0 and state["data"]["cursor"] * 12 + state["data"]["offset"] == 3 * 2 * 4
     assert json.loads(state["engine"])["gradient_accumulation_steps"] == 2
     assert "grad_norm" in read_metrics(tmp_path / "run")[-1]
 

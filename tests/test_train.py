@@ -40,7 +40,7 @@ def folder_batches(root, batch_size, seed=0, device="cpu"):
     config = small_config(root, "unused")
     config.data.batch_size, config.train.seed = batch_size, seed
     entry = prepared_folder(FolderCacheConfig(root=str(root), image_size=config.model.image_size))
-    return StreamingBatches(folder_loader_config(config, entry.path), device=device, reads_data_root=True)
+    return StreamingBatches(folder_loader_config(config, entry), device=device, reads_data_root=True)
 
 
 def read_metrics(out_dir):

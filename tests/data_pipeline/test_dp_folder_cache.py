@@ -119,10 +119,10 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from data_pipeline.config import LoaderConfig
 from data_pipeline.loader import TrainLoader
 batches = []
-for _ in range(2):  # two loaders: the fallback is announced once
-    with TrainLoader(LoaderConfig(shards={shards!r}, batch_size=4, image_size=16, seed=1)) as loader:
+for keep in (False, True):  # two loaders: the fallback is announced once
+    with TrainLoader(LoaderConfig(shards={shards!r}, batch_size=4, image_size=16, seed=1, keep_in_memory=keep)) as loader:
         assert loader.decoder_device == "cpu"
-        batches = list(loader)
+        batches.append(list(loader))
 torch.save(batches, {out!r})
 """
 
@@ -138,10 +138,41 @@ def test_without_dali_the_same_loader_decodes_with_pil_and_says_so_once(tmp_path
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("DALI is not installed") == 1, done.stderr[-3000:]
-    pil = torch.load(out)
+    pil, pil_kept = torch.load(out)
     with TrainLoader(LoaderConfig(shards=entry.path, batch_size=4, image_size=16, seed=1)) as loader:
         dali = list(loader)
-    assert [b["key"] for b in pil] == [b["key"] for b in dali] and len(dali) == 3
-    for a, b in zip(pil, dali):  # the same pixels, flips and depth units as DALI's
-        assert torch.allclose(a["image"], b["image"], atol=1e-6)
-        assert torch.allclose(a["depth"], b["depth"], atol=1e-6)
+    assert len(dali) == 3
+    for batches in (pil, pil_kept):
+        assert [b["key"] for b in batches] == [b["key"] for b in dali]
+        for a, b in zip(batches, dali):  # the same pixels, flips and depth units as DALI's
+            assert torch.allclose(a["image"], b["image"], atol=1e-6)
+            assert torch.allclose(a["depth"], b["depth"], atol=1e-6)
+
+
+def test_kept_in_memory_later_epochs_equal_a_fresh_decode_and_resume_exactly(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    make_synface(tmp_path, 10, 16)
+    (tmp_path / "train" / "image" / "obj0004_image.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    entry = prepared_folder(FolderCacheConfig(root=str(tmp_path), image_size=16))  # 9 images, 5 shards
+
+    def loader(keep):
+        return TrainLoader(LoaderConfig(shards=entry.path, batch_size=2, image_size=16, seed=4, keep_in_memory=keep))
+
+    with loader(False) as fresh, loader(True) as kept:
+        for epoch in range(3):  # epoch 0 decodes, epochs 1 and 2 come from memory
+            a, b = list(fresh), list(kept)
+            assert [x["key"] for x in a] == [x["key"] for x in b] and sum(len(x["key"]) for x in b) == 9
+            for x, y in zip(a, b):
+                assert torch.allclose(x["image"], y["image"], atol=1e-6) and torch.allclose(x["depth"], y["depth"])
+        state = None
+        expected = []
+        for i, batch in enumerate(kept):  # epoch 3: stop after two batches, resume in a new loader
+            if i == 1:
+                state = kept.state_dict()  # what the trainer has taken: batches 0 and 1
+            if i >= 2:
+                expected.append(batch)
+    with loader(True) as resumed:
+        resumed.load_state_dict(state)
+        again = list(resumed)  # decodes from the shards: the same bytes as the batches kept in memory
+    assert [x["key"] for x in again] == [x["key"] for x in expected]
+    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["depth"], y["depth"]) for x, y in zip(again, expected))
