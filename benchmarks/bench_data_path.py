@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--data-only", type=int, default=0, metavar="BATCHES",
                         help="first time each tree's batch source alone for this many batches (one thread), interleaved")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the 2-step warm-up runs (when any cache in --data is ready)")
     args = parser.parse_args()
     trees = []
     for spec in args.tree:
@@ -123,7 +125,7 @@ def main() -> None:
         trees.append((name, Path(path), hide))
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}, OMP_NUM_THREADS={args.threads}, {args.steps} steps", flush=True)
-    for name, tree, hide in trees:  # prepares any cache once, outside the measured rounds
+    for name, tree, hide in trees if args.warmup else []:  # prepares any cache once, outside the measured rounds
         result = run_once(tree, hide, args.data, args.work / f"warmup-{name}", 2, args.threads, 1)
         print(f"warm-up {name}: 2 steps in {result['wall_s']:.1f} s", flush=True)
     if args.data_only:
