@@ -77,12 +77,15 @@ except ImportError:
     source = FolderBatches(run.data.root, run.data.split, run.model.image_size, run.data.batch_size, run.train.seed,
                            run.data.hflip_probability)
 built = time.perf_counter() - started
-count = int(sys.argv[2])
-started = time.perf_counter()
-images = sum(next(source)["image"].shape[0] for _ in range(count))
-seconds = time.perf_counter() - started
+epochs = []  # ms per batch of each epoch (the first decodes, later ones may come from memory)
+for _ in range(int(sys.argv[2])):
+    count = source.batches_per_epoch
+    started = time.perf_counter()
+    for _ in range(count):
+        next(source)
+    epochs.append(1000 * (time.perf_counter() - started) / count)
 getattr(source, "close", lambda: None)()
-print(json.dumps({"build_s": built, "ms_per_batch": 1000 * seconds / count, "img_s": images / seconds}))
+print(json.dumps({"build_s": built, "epoch_ms": epochs}))
 """
 
 
@@ -113,8 +116,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--data-only", type=int, default=0, metavar="BATCHES",
-                        help="first time each tree's batch source alone for this many batches (one thread), interleaved")
+    parser.add_argument("--data-only", type=int, default=0, metavar="EPOCHS",
+                        help="first time each tree's batch source alone for this many epochs (one thread), interleaved")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the 2-step warm-up runs (when any cache in --data is ready)")
     args = parser.parse_args()
@@ -134,14 +137,16 @@ def main() -> None:
             for name, tree, hide in trees:
                 result = data_only(tree, hide, args.data, args.work / f"data-{name}", args.data_only)
                 loaders[name].append(result)
-                print(f"data-only round {round_} {name}: {result['ms_per_batch']:.2f} ms/batch, "
-                      f"{result['img_s']:.0f} img/s, built in {result['build_s']:.1f} s", flush=True)
-        print("\n| batch source | ms per batch (rounds) | mean | img/s | built in (s) |\n|---|---|---|---|---|")
+                print(f"data-only round {round_} {name}: built in {result['build_s']:.1f} s, ms per batch by epoch "
+                      f"{[round(m, 2) for m in result['epoch_ms']]}", flush=True)
+        print("\n| batch source | built in (s), mean | first epoch, ms per batch (rounds) | later epochs, ms per batch "
+              "(rounds) |\n|---|---|---|---|")
         for name, _, _ in trees:
-            ms = [r["ms_per_batch"] for r in loaders[name]]
-            print(f"| {name} | {', '.join(f'{m:.2f}' for m in ms)} | {statistics.mean(ms):.2f} | "
-                  f"{statistics.mean(r['img_s'] for r in loaders[name]):.0f} | "
-                  f"{statistics.mean(r['build_s'] for r in loaders[name]):.1f} |", flush=True)
+            runs = loaders[name]
+            first = [r["epoch_ms"][0] for r in runs]
+            later = [statistics.mean(r["epoch_ms"][1:]) for r in runs if len(r["epoch_ms"]) > 1]
+            print(f"| {name} | {statistics.mean(r['build_s'] for r in runs):.1f} | "
+                  f"{', '.join(f'{m:.1f}' for m in first)} | {', '.join(f'{m:.1f}' for m in later)} |", flush=True)
     results: dict[str, list[dict]] = {name: [] for name, _, _ in trees}
     for round_ in range(args.rounds if args.steps else 0):
         for name, tree, hide in trees:
