@@ -206,12 +206,21 @@ def _log_skipped(config: FolderCacheConfig, skipped: dict[str, str], entry: Path
                 len(skipped), ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())), shown, entry / SKIPPED_NAME)
 
 
+def _mtime(path: Path) -> float | None:
+    """A folder's modification time, or None when another run removed it meanwhile."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _remove_other_entries(base: Path, split: str, keep: Path) -> None:
     now = time.time()
     for path in base.iterdir():
-        if path == keep or not path.is_dir():
+        if path == keep:
             continue
-        stale_temp = path.name.startswith(".tmp-") and now - path.stat().st_mtime > _STALE_TEMP_S
+        mtime = _mtime(path)  # other runs may be removing their temporary folders right now
+        stale_temp = path.name.startswith(".tmp-") and mtime is not None and now - mtime > _STALE_TEMP_S
         other_entry = path.name.startswith(f"{split}-") and len(path.name) == len(keep.name)
         if stale_temp or other_entry:
             shutil.rmtree(path, ignore_errors=True)
@@ -236,8 +245,8 @@ def prepared_folder(config: FolderCacheConfig) -> FolderShards:
         return FolderShards(str(entry), manifest, True, skipped)
 
     base.mkdir(parents=True, exist_ok=True)
-    previous = sorted((p for p in base.glob(f"{config.split}-*") if p.is_dir() and p != entry),
-                      key=lambda p: p.stat().st_mtime)
+    previous = sorted((p for p in base.glob(f"{config.split}-*") if p != entry and _mtime(p) is not None),
+                      key=lambda p: _mtime(p) or 0.0)
     if previous:
         why = f"the folder changed since its shards were prepared: {_what_changed(_read_json(previous[-1] / FILES_NAME), source.files)}"
     else:
