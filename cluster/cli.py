@@ -162,7 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.kind == "faces":
-        from trainer.data.face_generator import FaceConfig, generate_faces
+        from trainer.data.face_generator import generate_faces
+        from trainer.data.face_sampling import FaceConfig
 
         background = args.background or "varied"
         if background not in ("varied", "black"):

@@ -2,7 +2,7 @@
 
 - A `stream:` section: its shards (a local folder or s3://), each rank streaming its own part.
 - Otherwise `data.root`: generated first when data.generate_if_missing asks for it and it is missing
-  (trainer.loop.train.prepare_data), prepared once into shards in a local cache
+  (trainer.data.generate.generate_if_missing), prepared once into shards in a local cache
   (data_pipeline/folder_cache.py: reused while the folder is unchanged) and streamed exactly like a
   cluster run's shards, with the same counted skips and the same exact resume.
 
@@ -47,9 +47,9 @@ def folder_loader_config(config, entry) -> LoaderConfig:
 def prepare_folder(config):
     """data.root's cache entry (data_pipeline.folder_cache.FolderShards), generating data.root first if asked."""
     from data_pipeline.folder_cache import FolderCacheConfig, prepared_folder
-    from trainer.loop.train import prepare_data
+    from trainer.data.generate import generate_if_missing
 
-    prepare_data(config)
+    generate_if_missing(config)
     return prepared_folder(FolderCacheConfig(root=config.data.root, split=config.data.split,
                                              image_size=config.model.image_size,
                                              max_image_pixels=config.data.max_image_pixels,

@@ -15,7 +15,7 @@ from cluster.cli import main as cli_main
 from data_pipeline.folder_cache import CACHE_ENV, CACHE_FOLDER
 from test_resume_config import fast_config
 from trainer.config import dump_config
-from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.checkpoint_load import load_checkpoint
 
 
 def stream_dataset_id(entry) -> str:
