@@ -153,6 +153,15 @@ def configure_worker_logging(run: str, rank: int) -> None:
     logging.captureWarnings(True)
 
 
+def _point(handler: logging.StreamHandler, stream) -> None:
+    """handler.setStream(stream), which first flushes the old stream; one already closed (a test's captured
+    stdout) is simply replaced."""
+    try:
+        handler.setStream(stream)
+    except ValueError:
+        handler.stream = stream
+
+
 @contextlib.contextmanager
 def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
     """Training in this process: DeepSpeed's log lines (its logger writes to stdout), what libraries print
@@ -164,7 +173,6 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
         yield None
         return
     path = directory / DEEPSPEED_LOG
-    console = sys.stdout
     with open(path, "a", encoding="utf-8", buffering=1) as sink, contextlib.redirect_stdout(sink):
         # Imported with stdout redirected: DeepSpeed's logger binds its handler to sys.stdout at import
         # and reports the accelerator it found right away.
@@ -174,7 +182,9 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
             pass
 
         handlers = [h for h in logging.getLogger("DeepSpeed").handlers if isinstance(h, logging.StreamHandler)]
-        before = [h.setStream(sink) for h in handlers]
+        before = [h.stream for h in handlers]
+        for handler in handlers:
+            _point(handler, sink)
         warnings_handler = logging.StreamHandler(sink)
         warnings_handler.setFormatter(logging.Formatter(LOG_FORMAT, TIME_FORMAT))
         py_warnings = logging.getLogger("py.warnings")
@@ -187,5 +197,7 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
             logging.captureWarnings(False)
             py_warnings.removeHandler(warnings_handler)
             py_warnings.propagate = True
-            for handler, stream in zip(handlers, before):  # a handler made during the import held the sink
-                handler.setStream(console if stream is sink or stream is None else stream)
+            # A handler made during the import was born on the sink: give it the process's real stdout (not
+            # `console`, which under a test's capture is closed when the test ends).
+            for handler, stream in zip(handlers, before):
+                _point(handler, sys.__stdout__ if stream is sink else stream)

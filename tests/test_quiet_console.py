@@ -27,7 +27,10 @@ def tiny_default_run(synthetic_root: Path, out_dir: Path, *extra: str) -> subpro
                 "train.checkpoint_every": "2"}
     command = [sys.executable, "-m", "cluster.cli", "train", "--config", "configs/default.yaml",
                "--out-dir", str(out_dir), *(f"--set={k}={v}" for k, v in settings.items()), *extra]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "OMP_"))}
+    # a fresh user's environment: no Ray address, and no launcher variables (an in-process test may have
+    # left WORLD_SIZE behind, which would make the command train in-process as a torchrun rank)
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "OMP_")) and k not in launcher}
     env.update(PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
