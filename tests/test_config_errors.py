@@ -68,6 +68,7 @@ CASES = [
      "stream.hflip_probability"),
     ("stream-without-shards", lambda c: {**c, "stream": {"batch_size": 4}}, "stream.shards is required"),
     ("stream-batch-mismatch", lambda c: {**c, "stream": {"shards": "s3://b/p", "batch_size": 8}}, "stream.batch_size"),
+    ("s3-out-dir-without-ray", with_value("train", "out_dir", "s3://unsup3d-runs/x"), "train.out_dir"),
     ("multi-line-value", with_value("data", "split", "train\n" + "x" * 100_000), "data.split"),
     ("empty-file", "", "empty"),
     ("comments-only", "# nothing here\n", "empty"),
