@@ -193,7 +193,11 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Release out_dir's run lock (idempotent)."""
+        """Stop the monitor (its metrics endpoint and file_sd entry) and release out_dir's run lock
+        (idempotent; also after a run that failed before its loop began)."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -343,8 +347,11 @@ class Trainer:
 
     def record(self, entry: dict) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(entry) + "\n")
-            self.metrics_file.flush()
+            try:
+                self.metrics_file.write(json.dumps(entry) + "\n")
+                self.metrics_file.flush()
+            except OSError as error:  # a full disk: name the file (a buffered write's error names none)
+                raise OSError(error.errno, error.strerror, self.metrics_file.name) from error
 
     # --- the loop ----------------------------------------------------------------------------
     def train_step(self) -> tuple[dict, int, bool]:
