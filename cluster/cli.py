@@ -344,15 +344,20 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
     from trainer.data.head_model import HeadModelError
+    from trainer.data.synface import SynfaceError
     from trainer.loop.run_lock import RunLockedError
 
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError, HeadModelError))
+        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError,
+                                    HeadModelError, SynfaceError, FileExistsError, NotADirectoryError,
+                                    IsADirectoryError, PermissionError))
         full = _disk_full(error)
         if found is None and full is None:
             raise
+        if isinstance(found, OSError) and found.filename is not None:  # a path given where it cannot be used
+            found = f"{found.filename}: {found.strerror}"
         # Bad input or a full disk: a one-line message that names what was wrong, not a traceback.
         text = " ".join(str(found if found is not None else full).split())
         print(f"unsup3d {args.command}: error: {text[:2000]}", file=sys.stderr)

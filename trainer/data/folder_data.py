@@ -46,7 +46,10 @@ class FolderBatches:
                            len(folder))
         if len(folder) < batch_size * world_size:
             raise ValueError(
-                f"{root}/{split} holds {len(folder)} images, fewer than one batch of {batch_size} (data.batch_size)"
+                f"{root}/{split} holds {len(folder)} usable images, fewer than one batch of {batch_size} (data.batch_size)"
+                + (f"; skipped {', '.join(f'{k} {v}' for k, v in sorted(self.skipped.items()))} (too_small: shorter "
+                   "than data.min_image_size, default half of model.image_size; too_large: data.max_image_pixels)"
+                   if self.skipped else "")
                 + (f" for each of {world_size} processes" if world_size > 1 else "")
             )
         samples = [folder[i] for i in range(len(folder))]

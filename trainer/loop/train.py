@@ -45,7 +45,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():  # else torch's own traceback
+        seen = torch.cuda.device_count()
+        raise ValueError(f"device {name!r} (train.device / --device): this process sees "
+                         f"{seen or 'no'} CUDA device{'s' if seen != 1 else ''}"
+                         + ("" if torch.version.cuda else " (this torch build has no CUDA)") + "; use auto or cpu")
     return device
 
 

@@ -118,7 +118,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'; asking for CUDA where there is none is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's text lists twenty device types
+        raise ValueError(f"--device {name!r}: not a device; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     return device

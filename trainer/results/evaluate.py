@@ -200,7 +200,14 @@ def default_report_dir(checkpoint: str | Path, split: str, step: int) -> Path:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch's text lists twenty device types
+        raise ValueError(f"--device {device!r}: not a device; use auto, cpu or cuda[:N]") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():  # else torch's own text
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count() or 'no'} CUDA device(s) "
+                         "(use --device cpu or auto)")
+    return resolved
 
 
 @torch.no_grad()
