@@ -150,3 +150,12 @@ def test_max_steps_zero_saves_the_initial_weights_and_trains_nothing(synthetic_r
     result = train(fast_config(synthetic_root, tmp_path / "run", max_steps=0))
     assert result.steps == 0 and result.checkpoint.endswith("step_00000000")
     assert load_checkpoint(tmp_path / "run" / "checkpoints")["step"] == 0
+
+
+def test_an_endless_config_file_is_refused_after_a_bounded_read(capsys):
+    """/dev/zero reports a size of 0: the loader must not trust st_size and read until memory runs out."""
+    started = time.perf_counter()
+    assert cli_main(["train", "--no-ray", "--config", "/dev/zero"]) == 2
+    assert time.perf_counter() - started < 5
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "/dev/zero: more than" in line, line
