@@ -145,11 +145,24 @@ class S3Lease:
 
     # --- taking and keeping -------------------------------------------------------------------
     def acquire(self) -> "S3Lease":
+        try:
+            return self._acquire()
+        except (RunLockedError, FileNotFoundError):
+            raise
+        except Exception as error:  # noqa: BLE001 - S3 unreachable or refusing: one line, the run does not start
+            raise RunLockedError(f"{self.url}: cannot take the run's lease {self.where}: {type(error).__name__}: "
+                                 f"{' '.join(str(error).split())[:300]}") from error
+
+    def _acquire(self) -> "S3Lease":
         for _ in range(5):  # a lease released or taken over between our read and our write: look again
             found = self._read()
             try:
                 if found is None:
-                    response = self._call("create", "put_object", Body=self._entry(0), IfNoneMatch="*")
+                    try:
+                        response = self._call("create", "put_object", Body=self._entry(0), IfNoneMatch="*")
+                    except FileNotFoundError:  # S3's text names no bucket
+                        raise FileNotFoundError(f"{self.url}: bucket {self.bucket} does not exist (create it, or "
+                                                "check train.out_dir and AWS_ENDPOINT_URL)") from None
                 else:
                     holder, etag, age = found
                     self._check_stale(holder, age)

@@ -73,19 +73,20 @@ def test_a_held_lease_refuses_a_second_run_naming_it_and_is_gone_once_released(s
 
 
 def test_the_heartbeat_keeps_a_lease_past_its_ttl_and_an_abandoned_one_expires_and_is_taken_over(s3, caplog):
-    first = S3Lease(URL, ttl_s=2).acquire()
+    first = S3Lease(URL, ttl_s=4).acquire()  # renewed every 1.3 s; S3's clock counts whole seconds
     try:
-        time.sleep(3.5)  # longer than the ttl: only the renewals keep it
-        with pytest.raises(RunLockedError, match="renewed [01]s ago"):
-            S3Lease(URL, ttl_s=2).acquire()
+        time.sleep(6)  # longer than the ttl: only the renewals keep it
+        with pytest.raises(RunLockedError, match="renewed [0-3]s ago"):
+            S3Lease(URL, ttl_s=4).acquire()
         assert json.loads(s3.read_bytes(LEASE_NAME))["renewals"] >= 2
     finally:
         first.release()
 
-    write_lease(s3, "elsewhere.example", 4242, ttl_s=2)  # a driver on another machine that died
+    write_lease(s3, "elsewhere.example", 4242, ttl_s=60)  # a driver on another machine
     with pytest.raises(RunLockedError, match="pid 4242 on host elsewhere.example"):
-        S3Lease(URL, ttl_s=2).acquire()  # not expired yet: another host's pid cannot be checked
-    time.sleep(3.5)
+        S3Lease(URL, ttl_s=2).acquire()  # its ttl, not ours, counts; another host's pid cannot be checked
+    write_lease(s3, "elsewhere.example", 4242, ttl_s=1)  # its last renewal before it died
+    time.sleep(2.5)
     caplog.set_level(logging.WARNING, logger="cluster.lease")
     with S3Lease(URL, ttl_s=30):
         assert json.loads(s3.read_bytes(LEASE_NAME))["pid"] == os.getpid()
