@@ -20,12 +20,12 @@ def places(tmp_path, synthetic_root):
 
 
 CASES = [
-    ("evaluate --device gpu --data DATA --no-report", "--device 'gpu': not a device"),
-    ("evaluate --device cuda:7 --data DATA --no-report", "--device cuda:7"),
+    ("evaluate --device gpu --data DATA --no-report", "device 'gpu': not a device"),
+    ("evaluate --device cuda:7 --data DATA --no-report", "device 'cuda:7'"),
     ("evaluate --data FILE/nowhere", "synface split folder not found"),
     ("evaluate --data DATA --split nosuch", "synface split folder not found"),
     ("demo --input IMAGE --out FILE", "FILE: File exists"),
-    ("demo --input IMAGE --out OUT --device gpu", "--device 'gpu': not a device"),
+    ("demo --input IMAGE --out OUT --device gpu", "device 'gpu': not a device"),
     ("prepare --source folder --input FOLDER --output FILE --category x", "FILE: File exists"),
     ("generate --kind blobs --out FILE --num-train 1 --num-val 0 --num-test 0", "FILE/train: Not a directory"),
 ]
