@@ -63,7 +63,7 @@ def test_ray_job_submit_runs_unsup3d_train_unchanged(head_with_job_server, synth
                "unsup3d", "train", "--config", str(config), "--workers", "2"]
     for _ in range(30):  # the job agent starts after the dashboard answers: slow on a loaded machine
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        if "No available agent to submit job" not in done.stderr:
+        if "No available agent to submit job" not in done.stdout + done.stderr:
             break
         time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
