@@ -78,10 +78,12 @@ def test_a_no_ray_run_listens_only_on_its_metrics_port(synthetic_root, tmp_path)
         run.wait(timeout=60)
 
 
-def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, tmp_path, capsys):
+def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, tmp_path, capsys, monkeypatch):
     pytest.importorskip("ray")
     from cluster.cli import main as cli_main
-    from cluster_helpers import tiny_config
+    from cluster_helpers import forget_launch_variables, tiny_config
+
+    forget_launch_variables(monkeypatch)
 
     out_dir = tmp_path / "run"
     path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=40)

@@ -95,10 +95,13 @@ def test_a_lock_file_of_another_host_is_not_taken_over(tmp_path):
         RunLock(tmp_path).acquire()
 
 
-def test_the_default_ray_mode_refuses_a_second_run_before_its_workers_start(synthetic_root, tmp_path, capsys):
+def test_the_default_ray_mode_refuses_a_second_run_before_its_workers_start(synthetic_root, tmp_path, capsys,
+                                                                             monkeypatch):
     """`unsup3d train` without --no-ray (an embedded Ray) is the command people type twice."""
     pytest.importorskip("ray")
-    from cluster_helpers import tiny_config
+    from cluster_helpers import forget_launch_variables, tiny_config
+
+    forget_launch_variables(monkeypatch)
 
     out_dir = tmp_path / "run"
     path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=1)
