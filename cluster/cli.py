@@ -93,19 +93,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
         check_sources(config, args.config)
     if not _use_ray(args):
-<<<<<<< HEAD
+        from cluster.console import quiet_libraries
         from trainer.config_loading import require
 
         # Only the Ray driver stages an s3:// out_dir (cluster/storage.py); here it would be a local folder "s3:".
         require("://" not in config.train.out_dir, f"{args.config}: train.out_dir", config.train.out_dir,
                 "an s3:// out_dir is trained through Ray (drop --no-ray / --workers 0), or use a local path")
-        summary = _train_in_process(config)
-=======
-        from cluster.console import quiet_libraries
-
         with quiet_libraries(config.train.out_dir):  # DeepSpeed's own lines: <out_dir>/logs/deepspeed.log
             summary = _train_in_process(config)
->>>>>>> main
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary))
         return 0

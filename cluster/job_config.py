@@ -51,8 +51,7 @@ def check_sources(config: JobConfig, path: str | Path) -> None:
 
         require(holds_training_images(data.root, data.split), f"{path}: data.root", data.root,
                 f"must be a folder holding {data.split}/image/*_image.png (the synface layout; data.split is "
-<<<<<<< HEAD
-                f"{data.split!r}), or set data.generate_if_missing or a stream: section")
+                f"{data.split!r}) or plain images, or set data.generate_if_missing or a stream: section")
     out_dir = config.train.out_dir
     if "://" not in out_dir:  # a folder, or a path whose first existing parent is a folder we may write in
         existing = Path(out_dir).absolute()
@@ -84,9 +83,6 @@ def check_sources(config: JobConfig, path: str | Path) -> None:
         except OSError as error:
             require(False, f"{path}: monitoring.bind_address", monitoring.bind_address,
                     f"must be an address or host name of this machine ({error.strerror or error})")
-=======
-                f"{data.split!r}) or plain images, or set data.generate_if_missing or a stream: section")
->>>>>>> main
     perceptual = config.perceptual
     if perceptual.backbone == "vgg16_file":
         require(Path(perceptual.vgg16_path).is_file(), f"{path}: perceptual.vgg16_path", perceptual.vgg16_path,

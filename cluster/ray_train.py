@@ -229,13 +229,8 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
         preflight(config, resources.workers)
         trainer = TorchTrainer(
             train_worker,
-<<<<<<< HEAD
-            train_loop_config={"config": config, "run": run},
-            torch_config=torch_config(use_gpu),  # one worker: no rendezvous port (ray_process_group.py)
-=======
             train_loop_config={"config": config, "run": run, "threads": resources.cpus_per_worker},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
->>>>>>> main
+            torch_config=torch_config(use_gpu),  # one worker: no rendezvous port (ray_process_group.py)
             scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),
             run_config=RunConfig(name=run, storage_path=ray_storage_path(config.train.out_dir),
