@@ -94,7 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_sources(config, args.config)
     if not _use_ray(args):
         from cluster.console import quiet_libraries
+        from trainer.config_loading import require
 
+        # Only the Ray driver stages an s3:// out_dir (cluster/storage.py); here it would be a local folder "s3:".
+        require("://" not in config.train.out_dir, f"{args.config}: train.out_dir", config.train.out_dir,
+                "an s3:// out_dir is trained through Ray (drop --no-ray / --workers 0), or use a local path")
         with quiet_libraries(config.train.out_dir):  # DeepSpeed's own lines: <out_dir>/logs/deepspeed.log
             summary = _train_in_process(config)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -203,15 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop.checkpoint import CheckpointError
     from trainer.config_loading import ConfigError
     from trainer.data.head_model import HeadModelError
+    from trainer.data.synface import SynfaceError
     from trainer.loop.run_lock import RunLockedError
 
     try:
         return args.func(args)
     except Exception as error:  # noqa: BLE001 - Ray wraps a worker's error; unwrap the ones that are bad input
-        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError, HeadModelError))
+        found = _user_error(error, (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunLockedError,
+                                    HeadModelError, SynfaceError, FileExistsError, NotADirectoryError,
+                                    IsADirectoryError, PermissionError))
         full = _disk_full(error)
         if found is None and full is None:
             raise
+        if isinstance(found, OSError) and found.filename is not None:  # a path given where it cannot be used
+            found = f"{found.filename}: {found.strerror}"
         # Bad input or a full disk: a one-line message that names what was wrong, not a traceback.
         text = " ".join(str(found if found is not None else full).split())
         print(f"unsup3d {args.command}: error: {text[:2000]}", file=sys.stderr)

@@ -4,6 +4,7 @@ to other packages (here: the sharded data stream). Composed here because only cl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,37 @@ def check_sources(config: JobConfig, path: str | Path) -> None:
         require(holds_training_images(data.root, data.split), f"{path}: data.root", data.root,
                 f"must be a folder holding {data.split}/image/*_image.png (the synface layout; data.split is "
                 f"{data.split!r}) or plain images, or set data.generate_if_missing or a stream: section")
+    out_dir = config.train.out_dir
+    if "://" not in out_dir:  # a folder, or a path whose first existing parent is a folder we may write in
+        existing = Path(out_dir).absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), f"{path}: train.out_dir", out_dir,
+                "must be a folder, or a path that can be created" + ("" if existing.is_dir() else
+                                                                       f" ({existing} is a file)"))
+    if config.train.eval_data:  # the validation set (trainer/loop/validation.py picks val, else test)
+        splits = [config.train.eval_split] if config.train.eval_split else ["val", "test"]
+        require(any((Path(config.train.eval_data) / split / "image").is_dir() for split in splits),
+                f"{path}: train.eval_data", config.train.eval_data,
+                f"must be a folder holding {' or '.join(s + '/image' for s in splits)} with depth beside it "
+                "(the synface layout; train.eval_split)")
+    device = config.train.device
+    if device.startswith("cuda"):  # here, where the run trains (torch's own error is a traceback)
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        require(index < torch.cuda.device_count(), f"{path}: train.device", device,
+                f"needs CUDA device {index}, and this machine has {torch.cuda.device_count() or 'none'}"
+                + ("" if torch.version.cuda else " (this torch build has no CUDA)") + "; use auto or cpu")
+    monitoring = config.monitoring
+    if monitoring.enabled:  # an address this machine cannot bind fails late, after the engine is built
+        import socket
+
+        try:
+            socket.getaddrinfo(monitoring.bind_address, None)
+        except OSError as error:
+            require(False, f"{path}: monitoring.bind_address", monitoring.bind_address,
+                    f"must be an address or host name of this machine ({error.strerror or error})")
     perceptual = config.perceptual
     if perceptual.backbone == "vgg16_file":
         require(Path(perceptual.vgg16_path).is_file(), f"{path}: perceptual.vgg16_path", perceptual.vgg16_path,

@@ -18,6 +18,7 @@ Only this package imports Ray; the trainer runs unchanged under torchrun, the De
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -203,7 +204,9 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
     """Train `config` (a JobConfig) on a Ray cluster with `resources`; blocks until it ends. Returns the
     run name and its out_dir's step, last loss and latest checkpoint. Raises ray.train.TrainingFailedError once max_failures restarts are used up."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_process_group import torch_config
 
     connect(address)
     config = copy.deepcopy(config)
@@ -227,7 +230,7 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": config, "run": run, "threads": resources.cpus_per_worker},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=torch_config(use_gpu),  # one worker: no rendezvous port (ray_process_group.py)
             scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),
             run_config=RunConfig(name=run, storage_path=ray_storage_path(config.train.out_dir),
@@ -238,11 +241,22 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
 
 
 def run_lock(out_dir: str):
-    """The driver's lock on out_dir (trainer/loop/run_lock.py); for s3:// on this machine's staging folder of it."""
+    """The driver's hold on out_dir: the lock file of trainer/loop/run_lock.py for a local path; for s3://
+    the lease object of cluster/lease.py (drivers on any machine), then this machine's staging folder's lock."""
     from cluster.storage import is_remote, staging_dir_for
     from trainer.loop.run_lock import RunLock
 
-    return RunLock(staging_dir_for(out_dir, "driver").parent if is_remote(out_dir) else out_dir)
+    if not is_remote(out_dir):
+        return RunLock(out_dir)
+    return _leased(out_dir, RunLock(staging_dir_for(out_dir, "driver").parent))
+
+
+@contextlib.contextmanager
+def _leased(out_dir: str, local_lock):
+    from cluster.lease import S3Lease
+
+    with S3Lease(out_dir), local_lock:
+        yield
 
 
 def preflight(config, workers: int) -> None:

@@ -145,3 +145,24 @@ def test_a_checkpoint_holding_code_is_refused_in_one_line_without_a_way_around(c
     line = captured.err.strip()
     assert "\n" not in line and str(checkpoint) in line and "code" in line and "will not be loaded" in line, line
     assert "weights_only" not in line, line
+
+
+def test_a_damaged_file_is_called_damaged_and_a_refused_global_is_named(tmp_path):
+    """Garbage bytes are not 'code'; a pickle that calls os.system says which function it wanted."""
+    import os
+
+    from trainer.loop.checkpoint import CheckpointError
+    from trainer.loop.checkpoint_load import load_checkpoint
+
+    class System:
+        def __reduce__(self):
+            return (os.system, ("echo this would run on load",))
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": System()}, evil)
+    with pytest.raises(CheckpointError, match=r"garbage.pt: not a checkpoint \(damaged"):
+        load_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match=r"evil.pt holds .*\(posix.system\), i.e. code, and will not be loaded"):
+        load_checkpoint(evil)

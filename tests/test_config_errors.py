@@ -68,6 +68,11 @@ CASES = [
      "stream.hflip_probability"),
     ("stream-without-shards", lambda c: {**c, "stream": {"batch_size": 4}}, "stream.shards is required"),
     ("stream-batch-mismatch", lambda c: {**c, "stream": {"shards": "s3://b/p", "batch_size": 8}}, "stream.batch_size"),
+    ("s3-out-dir-without-ray", with_value("train", "out_dir", "s3://unsup3d-runs/x"), "train.out_dir"),
+    ("out-dir-is-a-file", with_value("train", "out_dir", "FILE"), "train.out_dir"),
+    ("out-dir-under-a-file", with_value("train", "out_dir", "FILE/run"), "train.out_dir"),
+    ("missing-eval-data", with_value("train", "eval_data", "/nonexistent/unsup3d-eval"), "train.eval_data"),
+    ("unresolvable-bind-address", with_value("monitoring", "bind_address", "999.1.1.1"), "monitoring.bind_address"),
     ("multi-line-value", with_value("data", "split", "train\n" + "x" * 100_000), "data.split"),
     ("empty-file", "", "empty"),
     ("comments-only", "# nothing here\n", "empty"),
@@ -83,7 +88,9 @@ def write_case(tmp_path: Path, make) -> Path:
     root = tmp_path / "data"
     (root / "train" / "image").mkdir(parents=True, exist_ok=True)
     path = tmp_path / "run.yaml"
-    path.write_text(make if isinstance(make, str) else yaml.safe_dump(make(base(root))))
+    (tmp_path / "a-file").write_text("not a folder")
+    text = make if isinstance(make, str) else yaml.safe_dump(make(base(root)))
+    path.write_text(text.replace("FILE", str(tmp_path / "a-file")))
     return path
 
 
@@ -100,6 +107,14 @@ def test_malformed_config_is_one_line_naming_file_and_key(tmp_path, capsys, make
     assert line.startswith("unsup3d train: error: ") and key in line and str(path) in line, line
     assert len(line) < 600, line
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_one_line(tmp_path, capsys):
+    path = write_case(tmp_path, with_value("train", "device", "cuda"))
+    assert cli_main(["train", "--no-ray", "--config", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "train.device = 'cuda'" in line and "use auto or cpu" in line, line
 
 
 def test_the_valid_base_config_passes_the_checks(tmp_path):
@@ -135,3 +150,12 @@ def test_max_steps_zero_saves_the_initial_weights_and_trains_nothing(synthetic_r
     result = train(fast_config(synthetic_root, tmp_path / "run", max_steps=0))
     assert result.steps == 0 and result.checkpoint.endswith("step_00000000")
     assert load_checkpoint(tmp_path / "run" / "checkpoints")["step"] == 0
+
+
+def test_an_endless_config_file_is_refused_after_a_bounded_read(capsys):
+    """/dev/zero reports a size of 0: the loader must not trust st_size and read until memory runs out."""
+    started = time.perf_counter()
+    assert cli_main(["train", "--no-ray", "--config", "/dev/zero"]) == 2
+    assert time.perf_counter() - started < 5
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "/dev/zero: more than" in line, line

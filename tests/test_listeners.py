@@ -1,15 +1,22 @@
-"""With --no-ray, nothing listens but the metrics endpoint the config asks for (issue 15, item 6): a world
-of one opens no process-group port (gloo would open one per group, DeepSpeed adds groups)."""
+"""What listens (issue 15, item 6). With --no-ray, nothing but the metrics endpoint the config asks for: a
+world of one opens no process-group port (gloo would open one per group, DeepSpeed adds groups). Under
+an embedded Ray with one worker, the worker opens nothing on a non-loopback address (Ray Train's
+rendezvous TCPStore, which torch binds to every interface, is not created for a world of one)."""
 
 from __future__ import annotations
 
 import os
 import re
+import ipaddress
+import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from test_resume_config import fast_config
 from trainer.config import dump_config
@@ -17,8 +24,8 @@ from trainer.config import dump_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process `pid` listens on (IPv4 and IPv6), from /proc."""
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on (IPv4 and IPv6), from /proc."""
     sockets = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -27,13 +34,26 @@ def listening_ports(pid: int) -> set[int]:
             continue
         if target.startswith("socket:["):
             sockets.add(target[len("socket:["):-1])
-    ports = set()
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A" and fields[9] in sockets:  # state LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+                address, port = fields[1].rsplit(":", 1)
+                # /proc prints each 32-bit word of the address in host (little-endian) byte order
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def listening_ports(pid: int) -> set[int]:
+    return {port for _, port in listening_sockets(pid)}
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def test_a_no_ray_run_listens_only_on_its_metrics_port(synthetic_root, tmp_path):
@@ -56,3 +76,39 @@ def test_a_no_ray_run_listens_only_on_its_metrics_port(synthetic_root, tmp_path)
     finally:
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
+
+
+def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    from cluster.cli import main as cli_main
+    from cluster_helpers import forget_launch_variables, tiny_config
+
+    forget_launch_variables(monkeypatch)
+
+    out_dir = tmp_path / "run"
+    path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=40)
+    seen: dict = {}
+
+    def watch() -> None:  # the rank-0 worker's sockets once it trains (DeepSpeed and the metrics endpoint up)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not seen:
+            try:
+                worker = json.loads((out_dir / "workers" / "rank_0.json").read_text())
+                if (out_dir / "metrics.jsonl").read_text().count("\n") >= 2:
+                    seen["pid"], seen["sockets"] = worker["pid"], listening_sockets(worker["pid"])
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert cli_main(["train", "--config", str(path), "--workers", "1"]) == 0
+    finally:
+        seen.setdefault("done", True)
+        watcher.join()
+    capsys.readouterr()
+    assert "sockets" in seen, "the run ended before its worker could be looked at"
+    exposed = {(address, port) for address, port in seen["sockets"] if not is_loopback(address)}
+    assert not exposed, f"worker pid {seen['pid']} listens beyond loopback: {sorted(exposed)}"
+    assert seen["sockets"], "the worker's metrics endpoint (and Ray's own) should be there: nothing was measured"

@@ -93,3 +93,24 @@ def test_a_lock_file_of_another_host_is_not_taken_over(tmp_path):
                                                   "command": "unsup3d train"}))
     with pytest.raises(RunLockedError, match=r"another host: pid 4242 on host elsewhere.example.*delete"):
         RunLock(tmp_path).acquire()
+
+
+def test_the_default_ray_mode_refuses_a_second_run_before_its_workers_start(synthetic_root, tmp_path, capsys,
+                                                                             monkeypatch):
+    """`unsup3d train` without --no-ray (an embedded Ray) is the command people type twice."""
+    pytest.importorskip("ray")
+    from cluster_helpers import forget_launch_variables, tiny_config
+
+    forget_launch_variables(monkeypatch)
+
+    out_dir = tmp_path / "run"
+    path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=1)
+    with RunLock(out_dir):  # the first run, as its driver holds it
+        assert cli_main(["train", "--config", str(path), "--workers", "1"]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("unsup3d train: error:") and "in use by another run" in line, line
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in line, line
+        # logs/: the console's library log (cluster/console.py), opened before the driver takes the lock:
+        # still to be moved after it (see /work/notes/harden-note.md); nothing else may be written.
+        assert sorted(p.name for p in out_dir.iterdir() if p.name != "logs") == [LOCK_NAME], \
+            "the refused run wrote into out_dir"

@@ -281,10 +281,11 @@ def read_yaml(path: str | Path) -> Any:
     """The data of a YAML config file, read with StrictLoader; errors are one-line ConfigErrors naming it."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {size} bytes, more than a config file may hold ({MAX_CONFIG_BYTES})")
-        text = path.read_text()
+        with open(path, "rb") as f:  # at most one byte too many: /dev/zero or a pipe has no st_size to trust
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES} bytes, more than a config file may hold")
+        text = raw.decode()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
     except UnicodeDecodeError as error:

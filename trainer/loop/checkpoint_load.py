@@ -25,11 +25,53 @@ from trainer.loop.safe_files import one_line, sha256
 
 def describe_load_error(path, error: BaseException) -> str:
     """Why torch.load(weights_only=True) refused a file, in one line. A file holding pickled objects
-    other than tensors and plain data holds code: it is refused, and nothing suggests a way around."""
+    other than tensors and plain data holds code: it is refused, naming what it would import, and nothing
+    suggests a way around (torch's own text advises weights_only=False). Bytes that are no pickle at all
+    are called damaged."""
     if isinstance(error, pickle.UnpicklingError):
-        return (f"{path} holds pickled Python objects other than tensors and plain data, i.e. code, and will not be "
-                "loaded (only files written by unsup3d and torch.save of tensors are read)")
+        imports = pickle_imports(path)
+        if imports is None:
+            return f"cannot read {path}: not a checkpoint (damaged, or not written by torch.save)"
+        foreign = [name for name in imports if not name.startswith(_WEIGHTS_IMPORTS)]
+        what = f" ({', '.join(foreign[:3])})" if foreign else ""
+        return (f"{path} holds pickled Python objects other than tensors and plain data{what}, i.e. code, and "
+                "will not be loaded (only files written by unsup3d and torch.save of tensors are read)")
+    if "PytorchStreamReader" in str(error):  # torch's zip reader: its first sentence says what broke
+        return f"cannot read {path}: damaged or cut short ({str(error).split('. ')[0].strip()})"
     return f"cannot read {path}: {one_line(error)}"
+
+
+# What torch.save's own pickles import (tensors, storages, ordered dicts): not worth naming in a refusal.
+_WEIGHTS_IMPORTS = ("torch.", "collections.OrderedDict", "builtins.set", "_codecs.encode")
+
+
+def pickle_imports(path) -> list[str] | None:
+    """The globals a pickle (or the data.pkl of torch's zip format) would import, read with pickletools
+    without running anything; None when the file is no pickle."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+                if name is None:
+                    return None
+                data = archive.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+        imports, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                imports.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                imports.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return imports
+    except Exception:  # noqa: BLE001 - not a pickle, or cut short: damaged
+        return None
 
 
 def _load_weights_only(path: Path, map_location="cpu") -> dict:

@@ -11,9 +11,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     here rather than a stack trace from the first tensor moved."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's text lists twenty device types
+        raise ValueError(f"device {name!r}: not a device; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():  # else torch's own traceback
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         "(use cpu or auto)")
     return device

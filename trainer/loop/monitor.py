@@ -90,8 +90,13 @@ class TrainMonitor:
         self.metrics.total_steps.set(total_steps)
         port = cfg.port + group.local_rank if cfg.port else 0
         sd_dir = cfg.sd_dir if cfg.sd_dir is not None else str(Path(out_dir) / "prometheus_sd")
-        self.exporter = MetricsExporter(self.metrics.registry, cfg.bind_address, port, sd_dir,
-                                        labels=self.metrics.labels, advertise_address=cfg.advertise_address).start()
+        try:
+            self.exporter = MetricsExporter(self.metrics.registry, cfg.bind_address, port, sd_dir,
+                                            labels=self.metrics.labels, advertise_address=cfg.advertise_address).start()
+        except OSError as error:  # an unknown host, a port in use or below 1024: the keys to change, in one line
+            raise ValueError(f"monitoring: cannot serve metrics on {cfg.bind_address!r} port {port}: "
+                             f"{error.strerror or error} (monitoring.bind_address, monitoring.port; "
+                             "monitoring.enabled: false turns the endpoint off)") from None
         # Once per rank, as a log line (a local run's console shows it once; a cluster's logs once per rank).
         sd = self.exporter.sd_file or "not written, see the warning above"
         log.info("metrics: %s (rank %d, Prometheus file_sd entry %s)", self.exporter.url, group.rank, sd)

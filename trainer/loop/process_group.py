@@ -103,6 +103,11 @@ def _init_world_of_one(backend: str, kwargs: dict) -> str:
         log.warning("this torch's in-process backend does not copy collective results: using %s, which opens a "
                     "port on 127.0.0.1", backend)
         dist.destroy_process_group()
+    if backend == "nccl":
+        # NCCL's bootstrap listens on the first non-loopback interface it finds, for peers a world of one
+        # does not have. Read when the first communicator is made, so setting it now is in time.
+        # (Not yet run on a GPU.)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return backend
 

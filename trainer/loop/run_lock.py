@@ -16,9 +16,8 @@ file once that run is known to be gone.
 Which process holds it: the process that owns the run. `unsup3d train --no-ray` (and every rank-0
 under torchrun or the DeepSpeed launcher): the trainer itself. Under Ray, the driver (`unsup3d train`,
 a fleet) holds it for the whole run, restarts included; its workers are told not to take it again.
-For an s3:// out_dir the driver locks the run's local staging folder instead, which stops a second
-run on the same machine; two drivers on two machines writing one s3:// prefix are not detected (an
-S3 lease object would be needed; not built).
+For an s3:// out_dir the driver holds a lease object in the bucket instead (cluster/lease.py: drivers
+on any machine, expiry and heartbeat), and this lock on its local staging folder.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ class RunLockedError(RuntimeError):
     """Another run holds the out_dir; the message names it (host, pid, start, command) and the lock file."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +51,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _describe(holder: dict) -> str:
+def describe_holder(holder: dict) -> str:
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     command = " ".join(str(holder.get("command", "?")).split())
@@ -108,11 +107,11 @@ class RunLock:
             host = socket.gethostname()
             if previous.get("host") != host:
                 raise RunLockedError(
-                    f"{self.directory} is locked by a run on another host: {_describe(previous)}; if that run is "
+                    f"{self.directory} is locked by a run on another host: {describe_holder(previous)}; if that run is "
                     f"gone, delete {self.path}")
             pid = previous.get("pid")
-            state = "is gone" if not isinstance(pid, int) or not _pid_alive(pid) else "no longer holds it"
-            log.warning("taking over the stale lock %s of %s: that process %s", self.path, _describe(previous), state)
+            state = "is gone" if not isinstance(pid, int) or not pid_alive(pid) else "no longer holds it"
+            log.warning("taking over the stale lock %s of %s: that process %s", self.path, describe_holder(previous), state)
         entry = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "purpose": self.purpose,
                  "command": " ".join(sys.argv)}
         data = (json.dumps(entry) + "\n").encode()
@@ -132,9 +131,9 @@ class RunLock:
     def _held_message(self, holder: dict) -> str:
         pid = holder.get("pid")
         note = ""
-        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
             note = " (that pid has exited, but a process it started still holds the lock)"
-        return (f"{self.directory} is in use by another run: {_describe(holder)}{note}; wait for it, stop it, or use "
+        return (f"{self.directory} is in use by another run: {describe_holder(holder)}{note}; wait for it, stop it, or use "
                 f"another train.out_dir (lock file {self.path})")
 
     def release(self) -> None:
@@ -155,4 +154,4 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK_NAME", "RunLock", "RunLockedError"]
+__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "describe_holder", "pid_alive"]

@@ -61,8 +61,10 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # flush/fsync name no file: say which
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 

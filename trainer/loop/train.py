@@ -112,7 +112,11 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Release out_dir's run lock and close a batch source built here (idempotent)."""
+        """Stop the monitor (its metrics endpoint and file_sd entry), close a batch source built here and
+        release out_dir's run lock (idempotent; also after a run that failed before its loop began)."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
         if self._owned_data is not None and hasattr(self._owned_data, "close"):
             self._owned_data.close()
         self._owned_data = None
@@ -258,8 +262,11 @@ class Trainer:
 
     def record(self, entry: dict) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(entry) + "\n")
-            self.metrics_file.flush()
+            try:
+                self.metrics_file.write(json.dumps(entry) + "\n")
+                self.metrics_file.flush()
+            except OSError as error:  # a full disk: name the file (a buffered write's error names none)
+                raise OSError(error.errno, error.strerror, self.metrics_file.name) from error
 
     # --- the loop ----------------------------------------------------------------------------
     def train_step(self) -> tuple[dict, int, bool]:
