@@ -346,6 +346,19 @@ class EngineConfig:
     optimizer: str = "torch"
     """Adam implementation: 'torch' (torch.optim.Adam handed to DeepSpeed) or 'deepspeed' (DeepSpeed's
     own Adam in L2 mode, JIT-compiled at first use)."""
+    adam: str = "fused"
+    """How torch.optim.Adam (optimizer 'torch') runs its step: 'fused' (one kernel over all parameters),
+    'foreach' (multi-tensor ops) or 'for-loop' (one set of ops per parameter, torch's CPU default).
+    Same update up to rounding; 'fused' measured fastest on CPU (BENCHMARKS.md, issue 14)."""
+    channels_last: bool = False
+    """Run the five nets in channels-last memory layout (weights and input). Same results up to
+    rounding; whether it is faster depends on the CPU and the widths (BENCHMARKS.md, issue 14)."""
+    compile: bool = False
+    """torch.compile each of the five nets (in place: state_dict keys and checkpoints unchanged).
+    The first steps take longer (the compile); later ones may be faster (BENCHMARKS.md, issue 14)."""
+    cpu_threads: int | None = None
+    """torch intra-op threads for the step on CPU (torch.set_num_threads when the engine is built);
+    None keeps torch's default (one per core, or OMP_NUM_THREADS)."""
     max_nonfinite_steps: int = 3
     """After this many non-finite steps in a row (each skipped), roll back to the last checkpoint."""
     max_rollbacks: int = 3
@@ -358,6 +371,9 @@ class EngineConfig:
         check_choice(self, "optimizer", ("torch", "deepspeed"))
         check_int(self, "gradient_accumulation_steps", 1)
         check_float(self, "gradient_clipping", 0.0)
+        check_choice(self, "adam", ("fused", "foreach", "for-loop"))
+        if self.cpu_threads is not None:
+            check_int(self, "cpu_threads", 1)
         check_int(self, "max_nonfinite_steps", 1)
         check_int(self, "max_rollbacks", 0)
 
