@@ -96,8 +96,19 @@ def speed_up(module: Unsup3D, engine: EngineConfig) -> None:
 
 
 def adam_flags(engine: EngineConfig) -> dict:
-    """torch.optim.Adam's keyword for EngineConfig.adam."""
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[engine.adam]
+    """torch.optim.Adam's keywords for EngineConfig.adam."""
+    return {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": None, "foreach": True},
+            "for-loop": {"fused": None, "foreach": False}}[engine.adam]
+
+
+def apply_adam_flags(engine: Engine) -> None:
+    """Set EngineConfig.adam on the torch Adam's param groups again: loading an optimizer state brings
+    back the implementation of the run that saved it (a checkpoint of an older version: for-loop)."""
+    if engine.config.optimizer != "torch":
+        return
+    for group in engine.gate.optimizer.param_groups:
+        if "fused" in group:
+            group.update(adam_flags(engine.config))
 
 
 class SkippableStep:
