@@ -54,7 +54,8 @@ def run_variant(args) -> dict:
     from trainer.loop.engine import build_engine
     from trainer.model.unsup3d import Unsup3DLoss
     from trainer.model.perceptual import build_perceptual_net
-    from trainer.loop.train import resolve_device, seed_everything
+    from trainer.loop.device import resolve_device
+    from trainer.loop.rng import seed_everything
 
     precision, mode, optimizer, zero = VARIANTS[args.variant]
     config = RunConfig()
@@ -96,7 +97,7 @@ def run_variant(args) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    from trainer.loop.train import fp32_model_state
+    from trainer.loop.checkpoint import fp32_model_state
 
     weights = fp32_model_state(engine)
     torch.save(weights, args.weights_out)

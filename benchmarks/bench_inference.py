@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import ModelConfig  # noqa: E402
+from trainer.model.config import ModelConfig  # noqa: E402
 from trainer.results.demo import DemoOptions, render_batch, write_image_outputs  # noqa: E402
 from trainer.model.unsup3d import Unsup3D  # noqa: E402
 from trainer.results.visualize import decompose  # noqa: E402

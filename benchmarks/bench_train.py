@@ -20,7 +20,8 @@ from datetime import date
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.config import LossConfig, ModelConfig, OptimizerConfig
+from trainer.config import OptimizerConfig
+from trainer.model.config import LossConfig, ModelConfig
 from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
 from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
 from trainer.loop.timing import SectionTimer

@@ -42,11 +42,12 @@ import time
 
 import torch
 
-from trainer.config import LossConfig, ModelConfig
+from trainer.model.config import LossConfig, ModelConfig
 from trainer.results.evaluate import load_model
 from trainer.model.unsup3d import Unsup3D, Unsup3DLoss
 from trainer.data.synface import SynfaceFolder
-from trainer.data.synthetic import SyntheticConfig, canonical_fields, dataset_params, render_objects, sample_params
+from trainer.data.synthetic_params import SyntheticConfig, dataset_params, sample_params
+from trainer.data.synthetic_render import canonical_fields, render_objects
 
 PARTS = ("depth", "albedo", "light", "view")
 LIGHT_NAMES = ("k_ambient", "k_diffuse", "x", "y")

@@ -24,12 +24,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import ModelConfig  # noqa: E402
+from trainer.model.config import ModelConfig  # noqa: E402
 from trainer.config_loading import from_dict  # noqa: E402
 from trainer.loop.checkpoint import CheckpointError  # noqa: E402
 from trainer.results.evaluate import checkpoints_in, evaluate  # noqa: E402
 from trainer.model.unsup3d import Unsup3D  # noqa: E402
-from trainer.loop.train import seed_everything  # noqa: E402
+from trainer.loop.rng import seed_everything  # noqa: E402
 
 PANELS = (
     ("side_x1e-2", "SIDE (x1e-2)", True),

@@ -61,7 +61,8 @@ def _train_in_process(config) -> dict:
 
 
 def _train_here(config) -> dict:
-    from trainer.loop.train import resolve_device, train
+    from trainer.loop.device import resolve_device
+    from trainer.loop.train import train
 
     data = None
     if config.stream is not None:
@@ -174,7 +175,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.kind == "faces":
-        from trainer.data.face_generator import FaceConfig, generate_faces
+        from trainer.data.face_generator import generate_faces
+        from trainer.data.face_sampling import FaceConfig
 
         background = args.background or "varied"
         if background not in ("varied", "black"):

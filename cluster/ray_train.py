@@ -153,7 +153,7 @@ def train_worker(payload: dict) -> None:
 
     from cluster.storage import staged_out_dir
     from trainer.loop.process_group import init_process_group
-    from trainer.loop.train import resolve_device
+    from trainer.loop.device import resolve_device
 
     config = copy.deepcopy(payload["config"])
     context = ray.train.get_context()
@@ -237,8 +237,9 @@ def preflight(config, workers: int) -> None:
     max_failures times for): another model config, or another number of ranks."""
     if "://" in config.train.out_dir:
         return
-    from trainer.loop.checkpoint import CheckpointError, CheckpointManager, read_state
-    from trainer.config import model_config_hash
+    from trainer.loop.checkpoint import CheckpointError, CheckpointManager
+    from trainer.loop.checkpoint_load import read_state
+    from trainer.model.config import model_config_hash
 
     latest = CheckpointManager(Path(config.train.out_dir) / "checkpoints").latest()
     if latest is None:

@@ -5,12 +5,13 @@ with DALI and yields batches of tensors, with a resumable position. No model or 
     from data_pipeline import LoaderConfig, TrainLoader
     loader = TrainLoader(LoaderConfig(shards="s3://bucket/faces/train"), rank=r, world_size=n, device=device)
 
-Heavy modules (DALI, s3fs, webdataset) load on first use of the names that need them.
+Heavy modules (DALI, s3fs, webdataset) load on first use of the names that need them. The configs are
+read from YAML by the project's one strict loader, trainer/config_loading.py (stdlib and pyyaml only).
 """
 
-from data_pipeline.config import DataConfigError, LoaderConfig, PrepareConfig, RetryConfig, S3Config, from_dict
+from data_pipeline.config import LoaderConfig, PrepareConfig, RetryConfig, S3Config
 
-__all__ = ["DataConfigError", "LoaderConfig", "PrepareConfig", "RetryConfig", "S3Config", "from_dict",
+__all__ = ["LoaderConfig", "PrepareConfig", "RetryConfig", "S3Config",
            "TrainLoader", "prepare_dataset", "prepare_synthetic", "load_manifest", "open_storage"]
 
 

@@ -1,59 +1,22 @@
 """Typed configs of the data pipeline: storage, retries, `prepare` and the training loader.
 
-Each dataclass is one section of a run's YAML file. `from_dict` builds one strictly: an unknown key or
-a wrong type is a `DataConfigError` that names the key path and the file, raised before any work starts
-(DESIGN: configuration). The trainer's own loader (trainer/config_loading.py) accepts these classes too:
-they use only str/int/float/bool, optionals and nested dataclasses.
+Each dataclass is one section of a run's YAML file, read by the project's one strict loader
+(trainer/config_loading.py: `from_dict`, `load_yaml_config`): an unknown key, a wrong type or a value
+out of range is a ConfigError that names the key path and the file, raised before any work starts
+(DESIGN: configuration). That module imports only the standard library and pyyaml, so using it here
+brings nothing of the model, DeepSpeed or Ray into this package (tests/test_config_boundaries.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+from trainer.config_loading import ConfigValueError, check_float
 
 DAMAGED_SHARD_POLICIES = ("salvage", "skip")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 WORLD_SIZE_CHANGE_POLICIES = ("error", "restart_epoch")
-
-
-class DataConfigError(ValueError):
-    """A data config value is wrong; the message names the key (and the file when known).
-
-    Raised for one value (`invalid`), it carries key, value and allowed, so that a loader that knows
-    the section path and the file (trainer/config_loading.py, for a run's `stream:` section) can say
-    stream.batch_size instead of batch_size."""
-
-    def __init__(self, message: str, key: str | None = None, value: Any = None, allowed: str | None = None):
-        super().__init__(message)
-        if key is not None:
-            self.key, self.value, self.allowed = key, value, allowed
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    import reprlib
-
-    text = " ".join(reprlib.repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def invalid(key: str, value: Any, allowed: str) -> DataConfigError:
-    """The error for one value outside what its key allows (one line: key, shortened value, what is allowed)."""
-    return DataConfigError(f"{key} = {_short(value)}: {allowed}", key, value, allowed)
-
-
-def _check_finite(obj: Any, name: str, minimum: float, maximum: float | None = None) -> None:
-    import math
-
-    value = getattr(obj, name)
-    if not (math.isfinite(value) and value >= minimum and (maximum is None or value <= maximum)):
-        bounds = f"in [{minimum:g}, {maximum:g}]" if maximum is not None else f">= {minimum:g}"
-        raise invalid(name, value, f"must be a finite number {bounds}")
 
 
 @dataclass
@@ -99,9 +62,9 @@ class RetryConfig:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise invalid("max_attempts", self.max_attempts, "must be at least 1")
-        _check_finite(self, "initial_backoff_s", 0.0)
-        _check_finite(self, "max_backoff_s", 0.0)
+            raise ConfigValueError("max_attempts", self.max_attempts, "must be at least 1")
+        check_float(self, "initial_backoff_s", 0.0)
+        check_float(self, "max_backoff_s", 0.0)
 
 
 @dataclass
@@ -147,21 +110,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("folder", "celeba", "synface"):
-            raise invalid("source", self.source, "must be folder, celeba or synface")
+            raise ConfigValueError("source", self.source, "must be folder, celeba or synface")
         if self.samples_per_shard < 1:
-            raise invalid("samples_per_shard", self.samples_per_shard, "must be positive")
+            raise ConfigValueError("samples_per_shard", self.samples_per_shard, "must be positive")
         if self.image_format not in ("auto", "jpg", "png"):
-            raise invalid("image_format", self.image_format, "must be auto, jpg or png")
+            raise ConfigValueError("image_format", self.image_format, "must be auto, jpg or png")
         if self.max_image_pixels < 1:
-            raise invalid("max_image_pixels", self.max_image_pixels, "must be a positive integer")
+            raise ConfigValueError("max_image_pixels", self.max_image_pixels, "must be a positive integer")
         for name in ("image_size", "crop", "max_samples", "min_image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise invalid(name, value, "must be positive (or null)")
+                raise ConfigValueError(name, value, "must be positive (or null)")
         if not 1 <= self.jpeg_quality <= 100:
-            raise invalid("jpeg_quality", self.jpeg_quality, "must be 1..100")
+            raise ConfigValueError("jpeg_quality", self.jpeg_quality, "must be 1..100")
         if not self.category or any(c in self.category for c in "/\\"):
-            raise invalid("category", self.category, "must be a non-empty name without slashes")
+            raise ConfigValueError("category", self.category, "must be a non-empty name without slashes")
 
 
 @dataclass
@@ -209,96 +172,19 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if not self.shards or "\n" in self.shards:
-            raise invalid("shards", self.shards, "must be a folder or s3://bucket/prefix holding manifest.json")
+            raise ConfigValueError("shards", self.shards, "must be a folder or s3://bucket/prefix holding manifest.json")
         for name in ("batch_size", "image_size", "num_workers", "prefetch_shards", "prefetch_batches",
                      "dali_threads", "max_image_pixels"):
             if getattr(self, name) < 1:
-                raise invalid(name, getattr(self, name), "must be a positive integer")
+                raise ConfigValueError(name, getattr(self, name), "must be a positive integer")
         if self.seed < 0:
-            raise invalid("seed", self.seed, "must be an integer >= 0")
-        _check_finite(self, "hflip_probability", 0.0, 1.0)
+            raise ConfigValueError("seed", self.seed, "must be an integer >= 0")
+        check_float(self, "hflip_probability", 0.0, 1.0)
         if self.decode_device not in DECODE_DEVICES:
-            raise invalid("decode_device", self.decode_device, f"must be one of {', '.join(DECODE_DEVICES)}")
+            raise ConfigValueError("decode_device", self.decode_device, f"must be one of {', '.join(DECODE_DEVICES)}")
         if self.on_damaged_shard not in DAMAGED_SHARD_POLICIES:
-            raise invalid("on_damaged_shard", self.on_damaged_shard,
+            raise ConfigValueError("on_damaged_shard", self.on_damaged_shard,
                           f"must be one of {', '.join(DAMAGED_SHARD_POLICIES)}")
         if self.on_world_size_change not in WORLD_SIZE_CHANGE_POLICIES:
-            raise invalid("on_world_size_change", self.on_world_size_change,
+            raise ConfigValueError("on_world_size_change", self.on_world_size_change,
                           f"must be one of {', '.join(WORLD_SIZE_CHANGE_POLICIES)}")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except DataConfigError:
-                pass
-        raise DataConfigError(f"{where}: expected {tp}, got {_short(value)}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise DataConfigError(f"{where}: expected true or false, got {_short(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataConfigError(f"{where}: expected an integer, got {_short(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataConfigError(f"{where}: expected a number, got {_short(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise DataConfigError(f"{where}: expected a string, got {_short(value)}")
-        return value
-    raise DataConfigError(f"{where}: unsupported type {tp}")
-
-
-def from_dict(cls: type[T], data: Any, where: str = "<config>") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise, naming `where.key`.
-
-    `where` is the file name (and key path) used in messages, e.g. "configs/celeba.yaml:data".
-    """
-    if not isinstance(data, dict):
-        raise DataConfigError(f"{where}: expected a mapping, got {_short(data)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise DataConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(names))})")
-    kwargs = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except DataConfigError as error:
-        if hasattr(error, "key"):
-            raise DataConfigError(f"{where}.{error}", f"{where}.{error.key}", error.value, error.allowed) from None
-        raise DataConfigError(f"{where}: {error}") from None
-    except TypeError as error:  # a required field is missing
-        raise DataConfigError(f"{where}: {error}") from None
-
-
-def load_yaml_section(cls: type[T], path: str, section: str | None = None) -> T:
-    """Read `cls` from a YAML file (optionally from one top-level section of it).
-
-    For data_pipeline used on its own. Run configs are read by trainer/config_loading.py, whose
-    StrictLoader also refuses alias bombs and duplicate keys; this package does not import the trainer,
-    so this reader keeps yaml.safe_load (a known duplication: files here come from the operator)."""
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    where = path
-    if section is not None:
-        if not isinstance(data, dict) or section not in data:
-            raise DataConfigError(f"{path}: no section {section!r}")
-        data = data[section]
-        where = f"{path}:{section}"
-    return from_dict(cls, data, where)

@@ -103,7 +103,8 @@ def test_the_exporter_survives_a_full_disk_without_leaving_a_partial_file(tmp_pa
 
 def small_weights_with_other_config(tmp_path: Path) -> Path:
     """A single-file checkpoint whose weights are of one model config and whose stored config is another."""
-    from trainer.config import ModelConfig, RunConfig
+    from trainer.config import RunConfig
+    from trainer.model.config import ModelConfig
     from trainer.model.unsup3d import Unsup3D
 
     small = dict(depth_nf=8, albedo_nf=8, conf_nf=8, depth_zdim=16, albedo_zdim=16, conf_zdim=16, light_nf=8, view_nf=8)

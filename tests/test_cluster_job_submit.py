@@ -17,7 +17,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported:
 pytest.importorskip("ray")
 
 from cluster_helpers import tiny_config  # noqa: E402
-from trainer.loop.checkpoint import load_checkpoint  # noqa: E402
+from trainer.loop.checkpoint_load import load_checkpoint  # noqa: E402
 from trainer.loop.process_group import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

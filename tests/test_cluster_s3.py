@@ -86,7 +86,7 @@ def node_dirs(staging: Path) -> dict[int, Path]:
 def test_two_nodes_without_a_shared_filesystem_gather_every_rank_on_s3_and_resume_from_it(
         two_nodes_on_s3, synthetic_root, tmp_path):
     from data_pipeline.storage import open_storage
-    from trainer.loop.checkpoint import read_state, verify_ds_files
+    from trainer.loop.checkpoint_load import read_state, verify_ds_files
 
     url = "s3://unsup3d-runs/two-nodes"
     storage = open_storage(url)

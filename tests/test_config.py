@@ -86,7 +86,7 @@ HASH_BEFORE_FIDELITY_OPTIONS = {"reference defaults": "17ef9b10ee2a0124",
 
 
 def test_fidelity_options_defaults_validation_and_yaml():
-    from trainer.config import ModelConfig
+    from trainer.model.config import ModelConfig
 
     model = ModelConfig()
     assert (model.supersample, model.pixel_centre, model.shading_normal_eps) == (1, "integer", None)
@@ -112,7 +112,7 @@ def test_synface_config_sets_the_authors_choices():
 def test_model_config_hash_counts_the_options_but_old_checkpoints_still_match():
     from pathlib import Path
 
-    from trainer.config import ModelConfig, model_config_hash
+    from trainer.model.config import ModelConfig, model_config_hash
 
     default_yaml = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "experiments"
                                    / "blobs-default-recipe.yaml").model

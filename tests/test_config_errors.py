@@ -129,7 +129,7 @@ def test_max_steps_zero_saves_the_initial_weights_and_trains_nothing(synthetic_r
     """0 is allowed: a run of no step whose checkpoint (step 0) is the untrained model, e.g. a baseline for
     `unsup3d evaluate`. (Before, 0 fell through to train.epochs.)"""
     from test_resume_config import fast_config
-    from trainer.loop.checkpoint import load_checkpoint
+    from trainer.loop.checkpoint_load import load_checkpoint
     from trainer.loop.train import train
 
     result = train(fast_config(synthetic_root, tmp_path / "run", max_steps=0))

@@ -20,8 +20,8 @@ import torch
 
 from test_rasterizer import random_depth, random_view, view_vertices
 from test_train import small_config
-from trainer.loop.checkpoint import load_checkpoint
-from trainer.config import ModelConfig
+from trainer.loop.checkpoint_load import load_checkpoint
+from trainer.model.config import ModelConfig
 from trainer.render import geometry
 from trainer.render.rasterizer import grid_faces, rasterize_depth
 
@@ -121,7 +121,8 @@ def _first_step_loss(config, image, precision, mode):
     from trainer.loop.engine import build_engine
     from trainer.model.unsup3d import Unsup3DLoss
     from trainer.model.perceptual import build_perceptual_net
-    from trainer.loop.train import fp32_model_state, seed_everything
+    from trainer.loop.checkpoint import fp32_model_state
+    from trainer.loop.rng import seed_everything
 
     config.engine.precision, config.engine.mixed_precision = precision, mode
     init_process_group(DEVICE.type)
@@ -201,7 +202,8 @@ def _optimizer_tensors(engine) -> dict:
 
 
 def _snapshot(trainer) -> dict:
-    from trainer.loop.train import fp32_model_state, rng_state
+    from trainer.loop.checkpoint import fp32_model_state
+    from trainer.loop.rng import rng_state
 
     return {"model": fp32_model_state(trainer.engine), "optimizer": _optimizer_tensors(trainer.engine),
             "rng": rng_state(), "data": trainer.data.state_dict(), "step": trainer.step}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from test_train import read_metrics, small_config
-from trainer.loop.checkpoint import CheckpointError, install_safe_deepspeed_loader, load_checkpoint
+from trainer.loop.checkpoint import CheckpointError
+from trainer.loop.checkpoint_load import install_safe_deepspeed_loader, load_checkpoint
 from trainer.config import EngineConfig, RunConfig
 from trainer.loop.process_group import init_process_group
 from trainer.loop.engine import build_engine, deepspeed_config, resolve_engine_config
@@ -60,7 +61,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(synthetic_ro
     engine = build_engine(config, 1, torch.device("cpu"))
     ds = engine.engine
     from trainer.model.unsup3d import Unsup3DLoss
-    from trainer.loop.train import fp32_model_state
+    from trainer.loop.checkpoint import fp32_model_state
 
     criterion = Unsup3DLoss(config.loss, None, config.model)
     image = torch.rand(4, 3, 64, 64) * 2 - 1

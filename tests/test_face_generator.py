@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data.face_generator import FaceConfig, _rng, generate_faces, read_truth, render_faces, sample_face
+from trainer.data.face_generator import generate_faces, read_truth
+from trainer.data.face_render import render_faces
+from trainer.data.face_sampling import FaceConfig, _rng, sample_face
 from trainer.data.head_model import load_head_model
 from trainer.render import geometry
 from trainer.render.renderer import Renderer, RendererConfig

@@ -71,7 +71,8 @@ def write_pair(split: Path, name: str, image_size: int, depth_size: int | None =
 
 def small_checkpoint(tmp_path: Path) -> Path:
     """A single-file checkpoint of an untrained small model (no training needed to evaluate one)."""
-    from trainer.config import ModelConfig, RunConfig, dump_config
+    from trainer.config import RunConfig, dump_config
+    from trainer.model.config import ModelConfig
     from trainer.model.unsup3d import Unsup3D
 
     config = RunConfig()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import LossConfig, ModelConfig
+from trainer.model.config import LossConfig, ModelConfig
 from trainer.model.unsup3d import Unsup3D, Unsup3DLoss, map_range
 from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
 from trainer.render.geometry import depth_to_points, intrinsics

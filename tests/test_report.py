@@ -35,11 +35,22 @@ def fake_results(values: dict[str, list[float]]) -> tuple[dict, PerImage]:
     return results, per_image
 
 
-def test_histogram_draws_any_values_at_its_size():
-    for series in ({"model": [1.0, 2.0, 2.5, float("nan")], "constant_depth": [3.0]},
-                   {"model": [2.0, 2.0, 2.0]}, {"model": []}, {"model": [float("nan")]}):
-        image = histogram(series, "title", "x")
-        assert image.size == HISTOGRAM_SIZE
+def test_histogram_draws_any_values_at_its_size(tmp_path):
+    for i, series in enumerate(({"model": [1.0, 2.0, 2.5, float("nan")], "constant_depth": [3.0]},
+                                {"model": [2.0, 2.0, 2.0]}, {"model": []}, {"model": [float("nan")]})):
+        figure = histogram(series, "title", "x")
+        figure.savefig(tmp_path / f"{i}.png", format="png")
+        with Image.open(tmp_path / f"{i}.png") as image:
+            assert image.size == HISTOGRAM_SIZE
+
+
+def test_histogram_bars_count_the_finite_values():
+    """The model's bars hold every finite value once; the baseline is an outline on the same bins."""
+    figure = histogram({"model": [1.0, 2.0, 2.5, float("nan"), 2.6], "constant_depth": [3.0, 1.0]}, "t", "x", bins=4)
+    axes = figure.axes[0]
+    bars = [patch.get_height() for patch in axes.patches if type(patch).__name__ == "Rectangle"]
+    assert sum(bars) == 4 and len(bars) == 4
+    assert [line.get_xdata()[0] for line in axes.get_lines()] == pytest.approx([(1.0 + 2.0 + 2.5 + 2.6) / 4, 2.0])
 
 
 def test_write_report_from_results_without_a_model(tmp_path):

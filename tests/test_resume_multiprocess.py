@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from trainer.loop.checkpoint import KILL_IN_SAVE_ENV, load_checkpoint
+from trainer.loop.checkpoint import KILL_IN_SAVE_ENV
+from trainer.loop.checkpoint_load import load_checkpoint
 from trainer.loop.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

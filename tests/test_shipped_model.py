@@ -76,7 +76,8 @@ def test_export_writes_a_weights_only_file_that_evaluate_loads(tiny_trained_run,
 def test_the_shipped_model_reads_the_pose_of_generated_faces(tmp_path):
     """The mirror test above would also pass for a model that always says yaw 0: this one reads the
     pose and the light of faces it has not seen (the test split's first 32 faces)."""
-    from trainer.data.face_generator import FaceConfig, generate_faces
+    from trainer.data.face_generator import generate_faces
+    from trainer.data.face_sampling import FaceConfig
     from trainer.results.truth_probe import probe
 
     generate_faces(str(tmp_path), FaceConfig(num_train=0, num_val=0, num_test=32))

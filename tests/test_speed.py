@@ -14,7 +14,8 @@ from trainer.config import EngineConfig, ModelConfig
 from trainer.loop.checkpoint import load_checkpoint
 from trainer.loop.engine import TrainModule, build_engine, speed_up
 from trainer.loop.process_group import init_process_group
-from trainer.loop.train import fp32_model_state, train
+from trainer.loop.checkpoint import fp32_model_state
+from trainer.loop.train import train
 from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
 from trainer.model.unsup3d import Unsup3DLoss, gaussian_blur
 from trainer.render import geometry
@@ -74,7 +75,7 @@ def tiny_config(root, out_dir, **engine):
 
 def one_step(config, images):
     """(gradients, weights after the step, state_dict keys, loss) of one engine step from the seeded init."""
-    from trainer.loop.train import seed_everything
+    from trainer.loop.rng import seed_everything
 
     init_process_group("cpu")
     seed_everything(0)

@@ -13,15 +13,9 @@ from PIL import Image
 
 from trainer.render import geometry
 from trainer.data.synface import SynfaceFolder, decode_depth_png
-from trainer.data.synthetic import (
-    SyntheticConfig,
-    _hsv_to_rgb,
-    generate_synface,
-    main_generate,
-    render_objects,
-    sample_objects,
-    sample_params,
-)
+from trainer.data.synthetic import generate_synface, main_generate
+from trainer.data.synthetic_params import SyntheticConfig, sample_params
+from trainer.data.synthetic_render import _hsv_to_rgb, render_objects, sample_objects
 
 SMALL = dict(num_train=6, num_val=3, num_test=3)
 

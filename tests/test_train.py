@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cluster.cli import main as cli_main
-from trainer.loop.checkpoint import CheckpointError, load_checkpoint
+from trainer.loop.checkpoint import CheckpointError
+from trainer.loop.checkpoint_load import load_checkpoint
 from trainer.config import RunConfig, dump_config
 from trainer.loop.train import train
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from cluster.cli import main as cli_main
-from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.checkpoint_load import load_checkpoint
 
 
 def job_yaml(tmp_path, shards, max_steps):

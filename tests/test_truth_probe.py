@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data.face_generator import FaceConfig, generate_faces, read_truth
+from trainer.data.face_generator import generate_faces, read_truth
+from trainer.data.face_sampling import FaceConfig
 from trainer.results.truth_probe import depth_departure_correlation, pearson, probe
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from test_train import read_metrics, small_config
-from trainer.loop.checkpoint import load_checkpoint, read_state
+from trainer.loop.checkpoint_load import load_checkpoint, read_state
 from trainer.config import ConfigError, load_run_config
 from trainer.results.learning_curve import Curve, curve_from_records, plot_learning_curve
 from trainer.loop.train import Trainer, train
@@ -46,7 +46,7 @@ def validated_run(synthetic_root, tmp_path_factory):
         trainer.run()
     finally:
         trainer.engine.engine.destroy()
-    return out, trainer.loop.monitor.metrics
+    return out, trainer.monitor.metrics
 
 
 def test_a_run_records_validation_points_baselines_once_a_curve_and_gauges(validated_run):

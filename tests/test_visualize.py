@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from trainer.results import visualize as vis
-from trainer.config import ModelConfig
+from trainer.model.config import ModelConfig
 from trainer.results.demo import LIGHTS
 from trainer.model.unsup3d import Unsup3D
 from trainer.render.renderer import Renderer, RendererConfig

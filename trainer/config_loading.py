@@ -1,4 +1,13 @@
-"""Strict YAML -> typed dataclass loading, shared by every config of the project.
+"""Strict YAML -> typed dataclass loading: the one loader of every config of the project (the run config,
+data_pipeline's sections, fleet and job files).
+
+Why it lives here: DESIGN places the strict loader beside the run config (trainer/config.py), and
+data_pipeline may use it without learning anything of the model. This module imports only the
+standard library and pyyaml, and trainer/__init__.py imports nothing, so `from trainer.config_loading
+import ...` in data_pipeline loads no torch, no model, no DeepSpeed and no Ray
+(tests/test_config_boundaries.py checks it). A third package holding only this file would add a top
+level the project's layout does not have; a copy per package is what this replaced (two loaders that
+disagreed on messages and on alias bombs).
 
 Why strict: a mistyped key in a week-long run's config silently falls back to a default. Every unknown
 key, wrong type, value out of range or unreadable file is a ConfigError whose message is one line
@@ -254,9 +263,6 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             raise
         raise ConfigValueError(f"{prefix}{key}", error.value, error.allowed) from error
     except (TypeError, ValueError) as error:
-        key = getattr(error, "key", None)  # data_pipeline's DataConfigError carries key/value/allowed too
-        if key is not None and hasattr(error, "allowed"):
-            raise ConfigValueError(f"{prefix}{key}", getattr(error, "value", None), error.allowed) from error
         raise ConfigError(f"{where or 'top level'}: {' '.join(str(error).split())}") from error
     return instance
 
@@ -303,9 +309,12 @@ def set_key(data: dict, dotted: str, value: Any) -> None:
     data[last] = value
 
 
-def load_yaml_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+def load_yaml_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None,
+                     section: str | None = None) -> T:
     """Read a YAML file into dataclass `cls`, with `overrides` ({"train.max_steps": 5}) applied first;
-    every error is one line that names the file."""
+    every error is one line that names the file. `section`: read only that top-level section of the file
+    (data_pipeline used on its own reads e.g. the `data:` section of a run's file); keys are then named
+    from there (data.batch_size)."""
     path = Path(path)
     data = read_yaml(path)
     try:
@@ -314,7 +323,11 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: dict[str, Any] |
                 raise ConfigError(f"top level: expected a mapping for {cls.__name__}, got {short(data)}")
             for key, value in overrides.items():
                 set_key(data, key, value)
-        return from_dict(cls, data)
+        if section is None:
+            return from_dict(cls, data)
+        if not isinstance(data, dict) or section not in data:
+            raise ConfigError(f"no section '{section}'")
+        return from_dict(cls, data[section], section)
     except ConfigValueError as error:
         raise ConfigValueError(f"{path}: {error.key}", error.value, error.allowed) from error
     except ConfigError as error:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from dp_helpers import encode, make_synface, png16_rgb, random_rgb
 from data_pipeline.cli import add_prepare_subcommand
-from data_pipeline.config import DataConfigError, LoaderConfig, PrepareConfig, from_dict, load_yaml_section
+from data_pipeline.config import LoaderConfig, PrepareConfig
+from trainer.config_loading import ConfigError, from_dict, load_yaml_config
 from data_pipeline.prepare import crop_with_replicate, prepare_dataset, prepare_synthetic
 from data_pipeline.shards import Manifest, encode_tar
 
@@ -232,18 +233,26 @@ def test_encode_tar_rejects_keys_with_dots():
 
 
 def test_configs_are_strict_and_name_the_key(tmp_path):
+    """data_pipeline's sections go through the project's one strict loader (trainer/config_loading.py)."""
     config = from_dict(LoaderConfig, {"shards": "s3://b/p", "batch_size": 8, "s3": {"endpoint_url": "http://x"}})
     assert config.batch_size == 8 and config.s3.endpoint_url == "http://x" and config.retry.max_attempts == 10
-    with pytest.raises(DataConfigError, match=r"run.yaml:data: unknown key\(s\) batchsize"):
-        from_dict(LoaderConfig, {"shards": "x", "batchsize": 8}, "run.yaml:data")
-    with pytest.raises(DataConfigError, match=r"run.yaml:data.retry.max_attempts: expected an integer"):
-        from_dict(LoaderConfig, {"shards": "x", "retry": {"max_attempts": "3"}}, "run.yaml:data")
-    with pytest.raises(DataConfigError, match="on_damaged_shard"):
+    with pytest.raises(ConfigError, match=r"unknown key 'data.batchsize' \(known keys of data: "):
+        from_dict(LoaderConfig, {"shards": "x", "batchsize": 8}, "data")
+    with pytest.raises(ConfigError, match=r"data.retry.max_attempts: expected an integer"):
+        from_dict(LoaderConfig, {"shards": "x", "retry": {"max_attempts": "3"}}, "data")
+    with pytest.raises(ConfigError, match=r"^data.on_damaged_shard = 'ignore': must be one of salvage, skip$"):
+        from_dict(LoaderConfig, {"shards": "x", "on_damaged_shard": "ignore"}, "data")
+    with pytest.raises(ConfigError, match="on_damaged_shard"):
         LoaderConfig(shards="x", on_damaged_shard="ignore")
     path = tmp_path / "run.yaml"
+    path.write_text("data:\n  shards: /d\n  image_size: 32\n  retry: {initial_backoff_s: -1}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: data.retry.initial_backoff_s = -1.0: must be a finite number >= 0"):
+        load_yaml_config(LoaderConfig, path, section="data")
     path.write_text("data:\n  shards: /d\n  image_size: 32\n")
-    assert load_yaml_section(LoaderConfig, str(path), "data").image_size == 32
-    with pytest.raises(DataConfigError, match="source"):
+    assert load_yaml_config(LoaderConfig, path, section="data").image_size == 32
+    with pytest.raises(ConfigError, match=r"run.yaml: no section 'stream'"):
+        load_yaml_config(LoaderConfig, path, section="stream")
+    with pytest.raises(ConfigError, match="source"):
         PrepareConfig(source="web", input="", output="o", category="c")
 
 

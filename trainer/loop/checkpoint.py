@@ -24,32 +24,27 @@ files on load, so a directory holding only its own ranks' files cannot be loaded
 `after_save` hook (a SaveHook) gathers them elsewhere, e.g. on S3, and brings them back before a resume.
 With one shared directory rank 0 is the only leader and the files are what they always were.
 
-Loading never unpickles arbitrary objects. state.pt and model.pt are read with
-torch.load(weights_only=True). DeepSpeed 0.19.8 reads its own files with
-torch.load(weights_only=False) (runtime/checkpoint_engine/torch_checkpoint_engine.py);
-install_safe_deepspeed_loader replaces that with weights_only=True plus an allow-list of the few
-DeepSpeed classes its files hold, and the files are checked against the SHA-256 in state.pt first.
-
-`load_checkpoint` also reads the single-file `step_N.pt` checkpoints of earlier versions (for evaluation).
+Reading checkpoints back (safely, without unpickling code) is trainer/loop/checkpoint_load.py.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import logging
 import os
-import pickle
 import re
 import secrets
 import shutil
 import signal
-import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from trainer.loop.safe_files import fsync_dir, fsync_file, is_disk_full, one_line, sha256, write_atomically
+
+if TYPE_CHECKING:
+    from trainer.loop.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -72,76 +67,10 @@ class DiskFullError(CheckpointError):
     """A checkpoint could not be saved for lack of space; the previous one is intact."""
 
 
-# What torch's zip writer raises when a write comes up short (a full disk), instead of an OSError.
-_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "inline_container")
-# A torch write failure with less free space than this (or than the last checkpoint) is a full disk.
-_LOW_SPACE_BYTES = 64 << 20
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's text, shortened (torch's messages run over many lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_disk_full(error: BaseException | None, directory: Path) -> bool:
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(error, RuntimeError) and any(s in str(error) for s in _TORCH_WRITE_FAILURES):
-            try:
-                free = shutil.disk_usage(directory).free
-            except OSError:
-                return False
-            return free < _LOW_SPACE_BYTES
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return False
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """path holds either its old content or `data`, never a part; no temporary file is left on failure."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_atomic_write_bytes = write_atomically
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _ds_file_hashes(directory: Path) -> dict[str, str]:
     ds = directory / DS_TAG
-    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(ds.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): sha256(p) for p in sorted(ds.rglob("*")) if p.is_file()}
 
 
 class SaveHook(Protocol):
@@ -276,12 +205,12 @@ class CheckpointManager:
                 (tmp / STATE_FILE).write_bytes(state_bytes)
                 for path in tmp.rglob("*"):
                     if path.is_file():
-                        _fsync_file(path)
-                _fsync_dir(tmp)
+                        fsync_file(path)
+                fsync_dir(tmp)
                 if final.exists():  # the same step saved again after a rollback
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 write_atomically(self.directory / "latest", final.name.encode())
         except (OSError, RuntimeError) as caught:
             error = caught
@@ -306,7 +235,7 @@ class CheckpointManager:
 
     def _save_error(self, error: BaseException, final: Path) -> CheckpointError:
         """One line a user can act on: 'no space left on <path>' when the disk is full, else what failed."""
-        if _is_disk_full(error, self.directory):
+        if is_disk_full(error, self.directory):
             previous = self.latest()
             kept = f"; the previous checkpoint {previous.name} is intact" if previous is not None else ""
             return DiskFullError(f"no space left on {self.directory}: checkpoint {final.name} was not saved{kept} "
@@ -320,102 +249,12 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def describe_load_error(path, error: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file, in one line. A file holding pickled objects
-    other than tensors and plain data holds code: it is refused, and nothing suggests a way around."""
-    if isinstance(error, pickle.UnpicklingError):
-        return (f"{path} holds pickled Python objects other than tensors and plain data, i.e. code, and will not be "
-                "loaded (only files written by unsup3d and torch.save of tensors are read)")
-    return f"cannot read {path}: {one_line(error)}"
+def fp32_model_state(engine: Engine) -> dict:
+    """The nets' float32 weights: the optimizer's master copy under bf16/fp16 (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-
-def _load_weights_only(path: Path, map_location="cpu") -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # a foreign file's pickle protocol: the refusal below says enough
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(describe_load_error(path, error)) from error
-
-
-def read_state(checkpoint_dir: Path) -> dict:
-    """The client state of a checkpoint directory (weights_only)."""
-    state = _load_weights_only(Path(checkpoint_dir) / STATE_FILE)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint format {state.get('format_version')!r}, "
-                              f"this version reads {FORMAT_VERSION}")
-    return state
-
-
-def verify_ds_files(checkpoint_dir: Path, state: dict) -> None:
-    """DeepSpeed's files must be exactly the ones written with this state (no truncation, no swap)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    expected = state["ds_files"]
-    actual = {str(p.relative_to(checkpoint_dir)) for p in (checkpoint_dir / DS_TAG).rglob("*") if p.is_file()}
-    if actual != set(expected):
-        raise CheckpointError(f"{checkpoint_dir}: DeepSpeed files differ from the ones recorded in {STATE_FILE} "
-                              f"(missing {sorted(set(expected) - actual)}, unexpected {sorted(actual - set(expected))})")
-    for name, digest in expected.items():
-        if _sha256(checkpoint_dir / name) != digest:
-            raise CheckpointError(f"{checkpoint_dir / name} does not match the SHA-256 recorded in {STATE_FILE}")
-
-
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19.8 puts into its checkpoint files (found by saving
-    fp32/bf16/fp16 checkpoints with ZeRO 0/1/2 and loading them with weights_only=True)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def install_safe_deepspeed_loader(ds_engine) -> None:
-    """Make the engine read its checkpoint files with weights_only=True and a DeepSpeed allow-list."""
-    allowed = _deepspeed_safe_globals()
-
-    def load(path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:
-            raise CheckpointError(describe_load_error(path, error)) from error
-
-    ds_engine.checkpoint_engine.load = load
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The model weights and client state of a checkpoint: a checkpoint directory, a run's checkpoints
-    folder (its latest), or a single-file checkpoint of earlier versions. Returns a dict with step,
-    model (float32 state dict), config_yaml, model_config_hash, data (rank 0's position) and
-    data_ranks (every rank's)."""
-    path = Path(path)
-    if path.is_dir() and not (path / STATE_FILE).is_file():
-        manager = CheckpointManager(path)
-        latest = manager.latest()
-        if latest is None:
-            legacy = manager.legacy_checkpoints()
-            if not legacy:
-                raise CheckpointError(f"no checkpoint found in {path}")
-            return _load_weights_only(legacy[-1], map_location)
-        path = latest
-    if path.is_file():
-        return _load_weights_only(path, map_location)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    state = read_state(path)
-    model = _load_weights_only(path / MODEL_FILE, map_location)
-    ranks = state["ranks"]
-    return {**{k: v for k, v in state.items() if k != "ranks"}, "model": model["model"],
-            "data": ranks["0"]["data"], "data_ranks": {int(r): s["data"] for r, s in ranks.items()}}
-
-
-def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, str, int]:
-    """(float32 model state dict, the run's config YAML, step) of a checkpoint, its run folder or a legacy file."""
-    state = load_checkpoint(path, map_location)
-    for key in ("config_yaml", "model"):
-        if state.get(key) is None:
-            raise CheckpointError(f"{path} has no '{key}' entry: not a checkpoint written by unsup3d train")
-    return state["model"], state["config_yaml"], int(state.get("step", 0))
+    state = engine.module.state_dict()
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu().clone()
+    return {k: v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in state.items()}

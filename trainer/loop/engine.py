@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import EngineConfig, RunConfig
+from trainer.loop.timing import NO_TIMER, SectionTimer
 from trainer.model.unsup3d import Decomposition, Unsup3D
 
 log = logging.getLogger(__name__)
@@ -66,17 +67,18 @@ def deepspeed_config(engine: EngineConfig, config: RunConfig, world_size: int) -
 
 
 class TrainModule(Unsup3D):
-    """Unsup3D with forward = decompose, so the engine can call it (same state_dict keys)."""
+    """Unsup3D with forward = decompose, so the engine can call it (same state_dict keys). The step timer
+    comes in as an argument (the engine passes keyword arguments through to forward)."""
 
     channels_last = False  # set by build_engine (EngineConfig.channels_last)
 
-    def forward(self, image: torch.Tensor) -> Decomposition:
+    def forward(self, image: torch.Tensor, timer: SectionTimer = NO_TIMER) -> Decomposition:
         first = next(self.parameters())
         if first.dtype != image.dtype:
             image = image.to(first.dtype)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.decompose(image)
+        return self.decompose(image, timer)
 
 
 def speed_up(module: Unsup3D, engine: EngineConfig) -> None:
@@ -183,7 +185,7 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
     """deepspeed.initialize over the five nets; the process group must exist already."""
     import deepspeed
 
-    from trainer.loop.checkpoint import install_safe_deepspeed_loader
+    from trainer.loop.checkpoint_load import install_safe_deepspeed_loader
 
     engine_config = resolve_engine_config(config)
     if engine_config.precision == "fp16" and device.type != "cuda":

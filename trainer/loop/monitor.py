@@ -127,8 +127,8 @@ class TrainMonitor:
             shadow = copy.deepcopy(module)
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
-                first = next(shadow.parameters())  # as TrainModule.forward, without the trainer's timer
-                terms = criterion(image, type(shadow).decompose(shadow, image.to(first.dtype)), epoch=epoch)
+                first = next(shadow.parameters())  # as TrainModule.forward, untimed
+                terms = criterion(image, shadow.decompose(image.to(first.dtype)), epoch=epoch)
                 terms["total"].backward()
             del shadow
             self.metrics.flops_per_image.set(counter.get_total_flops() / image.shape[0])

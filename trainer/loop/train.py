@@ -1,7 +1,9 @@
 """The training loop: build, resume, step, log, checkpoint, on a DeepSpeed engine.
 
-Side concerns live in their own modules: the process group (distributed.py), the engine and its
-precision (engine.py), checkpoints (checkpoint.py), data (folder_data.py or any BatchSource).
+Side concerns live in their own modules of trainer/loop: the process group (process_group.py), the
+engine and its precision (engine.py), checkpoints (checkpoint.py, read back by checkpoint_load.py),
+RNG state (rng.py), the device (device.py), metrics.jsonl on resume (metrics_log.py); data comes from
+any BatchSource (trainer/data/folder_data.py when none is given).
 Resuming is automatic: if out_dir/checkpoints holds a checkpoint the run continues from it,
 including every rank's data position and every RNG, so the result is bit-identical to a run that
 was never interrupted. A step whose loss or gradients are not finite is skipped (all ranks agree);
@@ -16,89 +18,32 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
-from trainer.loop.checkpoint import (CheckpointError, CheckpointManager, SaveHook, read_state, verify_ds_files,
-                                write_atomically)
-from trainer.config import RunConfig, dump_config, model_config_hash
+from trainer.loop.checkpoint import CheckpointError, CheckpointManager, SaveHook, fp32_model_state
+from trainer.loop.checkpoint_load import read_state, verify_ds_files
+from trainer.loop.safe_files import write_atomically
+from trainer.config import RunConfig, dump_config
+from trainer.model.config import model_config_hash
 from trainer.loop.process_group import ProcessGroup, all_gather_object, any_rank, init_process_group
-from trainer.loop.engine import Engine, apply_adam_flags, build_engine
+from trainer.loop.engine import apply_adam_flags, build_engine
 from trainer.data.folder_data import FolderBatches
+from trainer.data.generate import generate_if_missing
 from trainer.model.unsup3d import Unsup3DLoss
 from trainer.loop.monitor import TrainMonitor
 from trainer.model.perceptual import build_perceptual_net
 from trainer.loop.validation import Validator
 from trainer.loop.run_lock import RunLock, RunLockedError
+from trainer.loop.device import resolve_device
+from trainer.loop.metrics_log import drop_records_after
+from trainer.loop.rng import load_rng_state, rng_state, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG a step can touch, as tensors and plain numbers (checkpoints hold no pickled objects)."""
-    version, internal, gauss = random.getstate()
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def load_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def prepare_data(config: RunConfig) -> None:
-    """Generate the synthetic set into data.root when asked to and it is not there yet."""
-    root = Path(config.data.root)
-    gen = config.data.generate_if_missing
-    if gen is None or (root / config.data.split).is_dir():
-        return
-    log.info("generating synthetic %s into %s", gen.kind, root)
-    if gen.kind == "faces":
-        from trainer.data.face_generator import FaceConfig, generate_faces
-
-        generate_faces(str(root), FaceConfig(image_size=config.model.image_size, num_train=gen.num_train,
-                                             num_val=gen.num_val, num_test=gen.num_test, seed=gen.seed,
-                                             background=gen.background))
-        return
-    from trainer.data.synthetic import main_generate
-
-    main_generate(str(root), config.model.image_size, gen.num_train, gen.num_val, gen.num_test, gen.seed, gen.background,
-                  gen.albedo_hues)
 
 
 @dataclass
@@ -123,39 +68,6 @@ class BatchSource(Protocol):
 
 class NonFiniteTraining(RuntimeError):
     """Training keeps producing non-finite losses or gradients and rollbacks did not help."""
-
-
-def fp32_model_state(engine: Engine) -> dict:
-    """The nets' float32 weights: the optimizer's master copy under bf16/fp16 (collective under ZeRO)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = engine.module.state_dict()
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        state[name] = (param.detach() if full is None else full).float().cpu().clone()
-    return {k: v.float().cpu().clone() if v.is_floating_point() else v.cpu().clone() for k, v in state.items()}
-
-
-def drop_records_after(path: Path, step: int) -> int:
-    """Rewrite metrics.jsonl without the records of steps after `step` (and any torn last line): a run
-    resumed from the checkpoint of `step` redoes those steps and logs them again, so every step appears
-    once, with the values of the run the checkpoints continue. Returns how many lines were dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-            keep = not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] <= step
-        except ValueError:
-            keep = False  # a line cut short when the previous run was killed
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        write_atomically(path, "".join(line + "\n" for line in kept).encode())
-    return dropped
 
 
 class Trainer:
@@ -210,7 +122,7 @@ class Trainer:
         trains_from_root = data is None  # else the caller streams it (shards): validation needs train.eval_data
         if data is None:
             if self.group.is_main:
-                prepare_data(config)
+                generate_if_missing(config)
             from trainer.loop.process_group import barrier
 
             barrier()
@@ -240,9 +152,6 @@ class Trainer:
         # SIDE and MAD on a fixed validation subset every train.eval_every steps (rank 0): trainer/loop/validation.py.
         self.validator = Validator(config, self.out_dir, self.group.is_main, trains_from_root, self.record,
                                    self.monitor)
-        if self.timer.enabled:  # the engine calls module.forward -> decompose(image): hand it the timer
-            module = self.engine.module
-            module.decompose = lambda image, timer=self.timer: type(module).decompose(module, image, timer)
 
     # --- checkpoints -------------------------------------------------------------------------
     def restore(self, path: Path) -> None:
@@ -362,7 +271,7 @@ class Trainer:
                 self._first_images = image.detach().clone()
                 self.monitor.count_flops(self.engine.module, self.criterion, image, self.data.epoch)
             with timer("forward"):
-                decomposition = ds(image)
+                decomposition = ds(image, timer=timer)  # TrainModule.forward -> decompose(image, timer)
             with timer("loss"):
                 terms = self.criterion(image, decomposition, epoch=self.data.epoch, timer=timer)
             self.engine.watch.check_loss(terms["total"])

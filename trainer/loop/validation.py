@@ -115,8 +115,7 @@ def score_model(model: Unsup3D, vset: ValidationSet, batch_size: int) -> dict:
         for start in range(0, len(vset), batch_size):
             image = vset.images[start:start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
             gt = vset.depth[start:start + batch_size].to(parameter.device, torch.float64)
-            # Unsup3D.decompose itself: the trainer replaces the instance's decompose by a timed one.
-            out = Unsup3D.decompose(model, image)
+            out = model.decompose(image)  # untimed: validation is not training time
             b = image.shape[0]
             depth = out.view_depth[:b]
             values, _ = depth_metrics(depth.double(), model.renderer.recon_mask(depth), gt, K)

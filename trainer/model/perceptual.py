@@ -169,7 +169,7 @@ def _load_tensor_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types (IndexError, KeyError, ...) on junk
-        from trainer.loop.checkpoint import describe_load_error
+        from trainer.loop.checkpoint_load import describe_load_error
 
         raise PerceptualWeightsError(f"not a torch state dict of plain tensors: {describe_load_error(path, err)}") from err
     if not isinstance(state, dict):

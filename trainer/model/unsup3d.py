@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import LossConfig, ModelConfig
+from trainer.model.config import LossConfig, ModelConfig
 from trainer.model.losses import perceptual_loss, photometric_loss, smoothness_loss
 from trainer.model.nets import ConfidenceNet, Encoder, EncoderDecoder
 from trainer.model.perceptual import PerceptualNet

@@ -29,6 +29,7 @@ from PIL import Image
 
 from trainer.results import visualize as vis
 from trainer.results.mesh import write_textured_mesh
+from trainer.loop.device import resolve_device
 from trainer.render.geometry import intrinsics
 from trainer.data.synface import DEFAULT_MAX_PIXELS, ImageSizeError, default_min_size, open_image_quietly, size_problem
 
@@ -112,16 +113,6 @@ def _output_names(paths: list[Path]) -> list[str]:
     """Folder names from file stems; a stem that repeats (a.png, a.jpg) gets its extension appended."""
     stems = [p.stem for p in paths]
     return [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when present), 'cpu' or 'cuda[:N]'; asking for CUDA where there is none is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    return device
 
 
 @torch.no_grad()

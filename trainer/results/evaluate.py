@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.loop.checkpoint import CheckpointError, load_checkpoint, one_line
-from trainer.config import ModelConfig
+from trainer.loop.checkpoint import CheckpointError
+from trainer.loop.checkpoint_load import load_checkpoint
+from trainer.loop.safe_files import one_line
+from trainer.model.config import ModelConfig
 from trainer.config_loading import ConfigError, from_dict, parse_yaml
 from trainer.results.metrics import evaluation_mask, mad_error, normal_angles, side_error, summarize
 from trainer.model.unsup3d import Unsup3D
+from trainer.loop.device import resolve_device
 from trainer.render.geometry import intrinsics
 from trainer.data.synface import DEFAULT_MAX_PIXELS, SynfaceFolder
 
@@ -195,12 +198,6 @@ def default_report_dir(checkpoint: str | Path, split: str, step: int) -> Path:
             run = candidate.parent
             break
     return run / "reports" / f"{split}_step_{step:08d}"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

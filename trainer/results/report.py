@@ -5,7 +5,7 @@ Files written to the report folder:
 - report.md: what was evaluated, the table (mean +- std and n per method and metric), the plots, the
   worst cases;
 - side_histogram.png, mad_histogram.png: the model's per-image errors as bars, the baselines' as
-  outlines, their means as dashed lines (drawn with Pillow: no plotting library needed);
+  outlines, their means as dashed lines (matplotlib, as the learning curves);
 - worst_<rank>_<name>.png: input, reconstruction, rendered and true depth, their normals and the
   angle between them, for the images the model does worst on by SIDE;
 - per_image.csv: every image's values for every method, to sort and plot elsewhere;
@@ -19,12 +19,17 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from trainer.results import visualize as vis
 from trainer.render.geometry import depth_to_normals, intrinsics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METHOD_TITLES = {
     "model": "model",
@@ -36,7 +41,7 @@ METRIC_TITLES = {
     "mad_deg_reference": "MAD (deg), reference normalisation",
     "mad_deg_exact": "MAD (deg), exact normalisation",
 }
-COLOURS = {"model": (31, 119, 180), "constant_depth": (214, 39, 40), "average_train_depth": (44, 160, 44)}
+COLOURS = {"model": "tab:blue", "constant_depth": "tab:red", "average_train_depth": "tab:green"}
 HISTOGRAM_SIZE = (640, 360)
 PANEL_COLUMNS = ("input", "reconstruction", "depth (model)", "depth (truth)", "normals (model)",
                  "normals (truth)", "angle error")
@@ -50,92 +55,40 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def _nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
-    span = max(high - low, 1e-12)
-    raw = span / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=10 * magnitude)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
 def histogram(series: dict[str, Sequence[float]], title: str, xlabel: str, bins: int = 20,
-              size: tuple[int, int] = HISTOGRAM_SIZE) -> Image.Image:
-    """Per-image values of several methods on one axis: the first series as filled bars, the others
-    as outlines; every series' mean as a dashed vertical line. NaN values are left out."""
-    width, height = size
-    left, right, top, bottom = 56, 16, 28, 64
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    text = vis.font(12)
-    draw.text((left, 6), title, fill=(0, 0, 0), font=text)
+              size: tuple[int, int] = HISTOGRAM_SIZE) -> Figure:
+    """Per-image values of several methods on one axis: the first series as filled bars, the others as
+    outlines, all on the same bins; every series' mean as a dashed vertical line. NaN values are left
+    out. A matplotlib Figure on the Agg canvas (no pyplot, no display), `size` pixels at 100 dpi."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.set(title=title, xlabel=xlabel, ylabel="images")
     clean = {name: _finite(v) for name, v in series.items()}
     everything = [v for vs in clean.values() for v in vs]
-    plot_w, plot_h = width - left - right, height - top - bottom
-    x0, y0 = left, top + plot_h  # axis origin (bottom left), in pixels
-    draw.line([(x0, top), (x0, y0), (x0 + plot_w, y0)], fill=(0, 0, 0))
     if not everything:
-        draw.text((left + 10, top + plot_h // 2), "no finite values", fill=(0, 0, 0), font=text)
-        return image
+        axes.text(0.5, 0.5, "no finite values", transform=axes.transAxes, ha="center", va="center")
+        return figure
     low, high = min(everything), max(everything)
-    if high - low < 1e-9:
+    if high - low < 1e-9:  # one value: a bin of width 1 around it
         low, high = low - 0.5, high + 0.5
-    pad = (high - low) * 0.02
-    low, high = low - pad, high + pad
-    edges = [low + (high - low) * i / bins for i in range(bins + 1)]
-
-    def counts(values):
-        c = [0] * bins
-        for v in values:
-            c[min(bins - 1, max(0, int((v - low) / (high - low) * bins)))] += 1
-        return c
-
-    all_counts = {name: counts(v) for name, v in clean.items()}
-    peak = max(max(c) for c in all_counts.values()) or 1
-
-    def px(x):
-        return x0 + (x - low) / (high - low) * plot_w
-
-    def py(count):
-        return y0 - count / peak * plot_h
-
-    for k, (name, c) in enumerate(all_counts.items()):
-        colour = COLOURS.get(name, (100, 100, 100))
-        for i, n in enumerate(c):
-            if n == 0:
-                continue
-            box = [px(edges[i]) + 1, py(n), px(edges[i + 1]) - 1, y0 - 1]
-            if k == 0:
-                draw.rectangle(box, fill=tuple(int(0.35 * ch + 0.65 * 255) for ch in colour), outline=colour)
-            else:
-                draw.rectangle(box, outline=colour, width=2)
-        if clean[name]:
-            mean = sum(clean[name]) / len(clean[name])
-            for y in range(top, y0, 8):  # dashed line at the mean
-                draw.line([(px(mean), y), (px(mean), min(y + 4, y0))], fill=colour, width=2)
-    # axes: ticks and labels
-    for tick in _nice_ticks(low, high):
-        x = px(tick)
-        draw.line([(x, y0), (x, y0 + 4)], fill=(0, 0, 0))
-        label = f"{tick:g}"
-        draw.text((x - 3 * len(label), y0 + 6), label, fill=(0, 0, 0), font=text)
-    for tick in _nice_ticks(0, peak, 4):
-        if tick != int(tick):
+    edges = np.linspace(low, high, bins + 1)
+    for k, (name, values) in enumerate(clean.items()):
+        colour = COLOURS.get(name, "tab:gray")
+        label = METHOD_TITLES.get(name, name)
+        if not values:
             continue
-        y = py(tick)
-        draw.line([(x0 - 4, y), (x0, y)], fill=(0, 0, 0))
-        draw.text((x0 - 8 - 7 * len(str(int(tick))), y - 7), str(int(tick)), fill=(0, 0, 0), font=text)
-    draw.text((left + plot_w // 2 - 3 * len(xlabel), y0 + 22), xlabel, fill=(0, 0, 0), font=text)
-    draw.text((4, top - 18), "images", fill=(0, 0, 0), font=text)
-    # legend
-    x = left
-    for name in clean:
-        colour = COLOURS.get(name, (100, 100, 100))
-        draw.rectangle([x, height - 16, x + 10, height - 6], fill=colour)
-        label = f"{METHOD_TITLES.get(name, name)} (dashed: mean)" if name == "model" else METHOD_TITLES.get(name, name)
-        draw.text((x + 14, height - 19), label, fill=(0, 0, 0), font=text)
-        x += 24 + int(draw.textlength(label, font=text))
-    return image
+        if k == 0:
+            axes.hist(values, bins=edges, color=colour, alpha=0.35, edgecolor=colour, label=label)
+        else:
+            axes.hist(values, bins=edges, histtype="step", color=colour, linewidth=2, label=label)
+        axes.axvline(sum(values) / len(values), color=colour, linestyle="--", linewidth=1.5)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend(fontsize=8, loc="best", title="dashed: mean", title_fontsize=8)
+    return figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +158,7 @@ def write_report(results: dict, per_image, out_dir: str | Path, worst_cases: Seq
     }
     for filename, (metric, title, xlabel) in plots.items():
         series = {m: per_image.values[m][metric] for m in methods if m in per_image.values}
-        histogram(series, title, xlabel).save(out / filename)
+        histogram(series, title, xlabel).savefig(out / filename, format="png")
 
     panels = []
     for rank, case in enumerate(worst_cases, start=1):

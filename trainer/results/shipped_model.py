@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.loop.checkpoint import CheckpointError, load_model_weights
+from trainer.loop.checkpoint import CheckpointError
+from trainer.loop.checkpoint_load import load_model_weights
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "pretrained" / "unsup3d-faces64.pt"
 # Largest file we commit to the repository.

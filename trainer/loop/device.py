@@ -1,0 +1,19 @@
+"""Which torch device a run, an evaluation or a demo uses: one rule for every entry point."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'. A bare 'cuda' means this process's
+    GPU (`local_rank`, as the process group reports it). Asking for CUDA where there is none is an error
+    here rather than a stack trace from the first tensor moved."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
