@@ -13,7 +13,9 @@ figures are medians over the rounds, and each variant's ratio is its median spee
 variant's. --baseline COMMIT adds a first variant "baseline" that runs the trainer code of that git
 commit (git archive into a temporary directory), i.e. before the changes under test.
 
-Reported per variant: images/s, ratio, warm-up time (the first --warmup steps, which include any
+Reported per variant: images/s by the wall clock and images per CPU-second of the worker (on a
+loaded machine the wall clock also counts time spent waiting for a core; with 1 thread the CPU time
+is the step's own work, so that ratio is the steadier one), ratios, warm-up time (the first --warmup steps, which include any
 compile), and the loss after warm-up and rounds (all variants see the same batches, so a variant
 that changes the numerics shows it here).
 """
@@ -74,9 +76,10 @@ def worker(args) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = step.run()
-        print(json.dumps({"s": time.perf_counter() - start, "loss": loss}), flush=True)
+        print(json.dumps({"s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "loss": loss}),
+              flush=True)
     step.close()
 
 
@@ -140,6 +143,7 @@ def main() -> None:
             procs[name] = start_worker(name, trees[name], overrides, args)
             info[name] = read_json(procs[name], name)
         times = {name: [] for name, _ in variants}
+        cpu_times = {name: [] for name, _ in variants}
         losses = {}
         order = [name for name, _ in variants]
         rng = random.Random(0)
@@ -150,6 +154,7 @@ def main() -> None:
                 procs[name].stdin.flush()
                 result = read_json(procs[name], name)
                 times[name].append(result["s"])
+                cpu_times[name].append(result["cpu_s"])
                 losses[name] = result["loss"]
         for proc in procs.values():
             proc.stdin.write("quit\n")
@@ -158,22 +163,28 @@ def main() -> None:
     first = variants[0][0]
     # Speed is images per second: a variant may change the batch size (data.batch_size=...).
     speed = {name: info[name]["batch"] / statistics.median(times[name]) for name, _ in variants}
-    base = speed[first]
+    # Images per CPU-second of the worker: on a loaded machine the wall clock also counts the time a
+    # worker waits for a core; its CPU time does not (with 1 thread, CPU time is the step's own work).
+    cpu_speed = {name: info[name]["batch"] / statistics.median(cpu_times[name]) for name, _ in variants}
+    base, cpu_base = speed[first], cpu_speed[first]
     now = datetime.now(timezone.utc)
     print(f"{args.recipe}, widths {args.widths}, batch {args.batch}, {args.threads} thread(s), 64 px; "
           f"{args.rounds} interleaved rounds; {now:%Y-%m-%d %H:%M} UTC; load average {load_before:.1f} at the start"
           + (f"; baseline = commit {args.baseline}" if args.baseline else ""))
     print()
-    print(f"| variant | settings | img/s | vs {first} | step ms (median) | warm-up s | loss after |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| variant | settings | img/s (wall) | vs {first} | img per CPU-s | vs {first} | step ms (median) | "
+          "warm-up s | loss after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, overrides in variants:
         median = statistics.median(times[name])
         settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
         rows.append({"variant": name, "overrides": overrides, "images_per_s": speed[name],
-                     "ratio": speed[name] / base, "step_s": median, "warmup_s": info[name]["warmup_s"],
-                     "loss": losses[name], "times": times[name]})
-        print(f"| {name} | {settings} | {speed[name]:.1f} | {speed[name] / base:.2f}x | {1e3 * median:.0f} | "
+                     "ratio": speed[name] / base, "images_per_cpu_s": cpu_speed[name],
+                     "cpu_ratio": cpu_speed[name] / cpu_base, "step_s": median, "warmup_s": info[name]["warmup_s"],
+                     "loss": losses[name], "times": times[name], "cpu_times": cpu_times[name]})
+        print(f"| {name} | {settings} | {speed[name]:.1f} | {speed[name] / base:.2f}x | {cpu_speed[name]:.1f} | "
+              f"{cpu_speed[name] / cpu_base:.2f}x | {1e3 * median:.0f} | "
               f"{info[name]['warmup_s']:.0f} | {losses[name]:.5f} |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "date": now.isoformat(), "rows": rows}, indent=1))
