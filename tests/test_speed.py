@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from test_train import small_config
 from trainer.config import EngineConfig, ModelConfig
-from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.checkpoint_load import load_checkpoint
 from trainer.loop.engine import TrainModule, build_engine, speed_up
 from trainer.loop.process_group import init_process_group
 from trainer.loop.checkpoint import fp32_model_state
@@ -160,8 +160,11 @@ def test_a_non_finite_gradient_is_caught_after_backward_or_by_hooks(synthetic_ro
     criterion = Unsup3DLoss(config.loss, None, config.model)
     ds = engine.engine
     image = torch.rand(2, 3, 64, 64) * 2 - 1
-    param = engine.module.albedo_net.decoder[-2].weight
-    poison = param.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("nan")))
+    # A term of value 0 whose gradient is NaN (0 * d sqrt(u)/du at u = 0): a finite loss, a NaN gradient
+    # for this conv's weight only.
+    conv = engine.module.albedo_net.decoder[-2]
+    poison = conv.register_forward_hook(
+        lambda module, inputs, out: out + 0 * torch.sqrt(module.weight.sum() - module.weight.sum().detach()))
     for poisoned in (True, False):
         terms = criterion(image, ds(image))
         engine.watch.check_loss(terms["total"])
