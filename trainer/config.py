@@ -224,6 +224,12 @@ class EngineConfig:
         check_choice(self, "optimizer", ("torch", "deepspeed"))
         check_int(self, "gradient_accumulation_steps", 1)
         check_float(self, "gradient_clipping", 0.0)
+        # ZeRO 1/2 and DeepSpeed's bf16/fp16 optimizer keep the parameters as views into flat buffers;
+        # a layout change after deepspeed.initialize would cut them off from the optimizer's copy.
+        require(not self.channels_last or (self.zero_stage == 0 and (self.precision == "fp32"
+                                                                      or self.mixed_precision == "autocast")),
+                "channels_last", self.channels_last,
+                "works only with zero_stage 0 and mixed_precision autocast (or precision fp32)")
         check_choice(self, "adam", ("fused", "foreach", "for-loop"))
         if self.cpu_threads is not None:
             check_int(self, "cpu_threads", 1)
