@@ -205,7 +205,9 @@ class EngineConfig:
     Same update up to rounding; 'fused' measured fastest on CPU (BENCHMARKS.md, issue 14)."""
     channels_last: bool = False
     """Run the five nets in channels-last memory layout (weights and input). Same results up to
-    rounding; whether it is faster depends on the CPU and the widths (BENCHMARKS.md, issue 14)."""
+    rounding; whether it is faster depends on the CPU and the widths (BENCHMARKS.md, issue 14).
+    Only with zero_stage 0 and autocast (or fp32): ZeRO and DeepSpeed's bf16/fp16 optimizer keep
+    the parameters in flat buffers of the default layout."""
     compile: bool = False
     """torch.compile each of the five nets (in place: state_dict keys and checkpoints unchanged).
     The first steps take longer (the compile); later ones may be faster (BENCHMARKS.md, issue 14)."""
