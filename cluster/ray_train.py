@@ -44,9 +44,10 @@ def loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, console=None) -> str:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1.
-    Returns how it connected ("existing", "cluster" or "local")."""
+    Returns how it connected ("existing", "cluster" or "local"). `console`: for an embedded Ray, a
+    cluster.console.EmbeddedRayConsole that keeps Ray's and DeepSpeed's own lines off the console."""
     import ray
 
     if ray.is_initialized():
@@ -63,8 +64,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     # Rays on one machine the cleaner cannot tell which to ask and its thread exits with one
     # traceback; training is unaffected.)
     loopback_only()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+    if console is not None:
+        console.before_init()
+    # address="local": a new instance of our own. Without an address ray.init joins the latest cluster
+    # anyone started on this machine (/tmp/ray/ray_current_cluster): another user's, or a test's.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              num_cpus=num_cpus, log_to_driver=True)
+    if console is not None:
+        console.after_init()
     return "local"
 
 
@@ -72,8 +79,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
 class Resources:
     workers: int = 1
     cpus_per_worker: float = 1.0
+    """Ray CPUs per worker; the worker trains with this many torch threads (at least one)."""
     gpus_per_worker: float = 0.0
     max_failures: int = 3
+
+
+def local_cpus_per_worker(workers: int) -> float:
+    """The embedded Ray's share of this machine per worker: every core, split evenly. One worker with
+    every core against one worker per core: BENCHMARKS.md, "Embedded Ray uses every core"."""
+    return float(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def _uses_working_dir() -> bool:
@@ -161,8 +175,16 @@ def train_worker(payload: dict) -> None:
     # Labels for metrics and logs (read by monitoring through the environment; the trainer knows no Ray).
     os.environ["UNSUP3D_RUN"] = payload["run"]
     os.environ["UNSUP3D_CATEGORY"] = config.category
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{payload['run']} rank {rank}] "
-                        "%(name)s: %(message)s", datefmt="%H:%M:%S")
+    from cluster.console import configure_worker_logging
+
+    configure_worker_logging(payload["run"], rank)
+    # Ray gives a worker as many threads as its CPUs only sometimes (OMP_NUM_THREADS is 1 for fractional
+    # or unset CPUs): set them from what the worker asked for.
+    threads = max(1, int(payload.get("threads", 1)))
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger(__name__).info("rank %d trains with %d torch thread(s)", rank, threads)
     node_id = ray.get_runtime_context().get_node_id()  # s3:// outputs are staged per node: no shared filesystem
     with staged_out_dir(config, rank, node_id) as (out_dir, after_save):
         config.train.out_dir = out_dir
@@ -213,7 +235,7 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
         preflight(config, resources.workers)
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": config, "run": run},
+            train_loop_config={"config": config, "run": run, "threads": resources.cpus_per_worker},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),
