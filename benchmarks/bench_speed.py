@@ -95,7 +95,9 @@ def start_worker(name: str, tree: Path, overrides: dict, args) -> subprocess.Pop
     cmd = [sys.executable, __file__, "--worker", "--tree", str(tree), "--overrides", json.dumps(overrides),
            "--recipe", args.recipe, "--widths", str(args.widths), "--batch", str(args.batch),
            "--threads", str(args.threads), "--warmup", str(args.warmup)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(tree)}
+    # Passive OpenMP waits, as `unsup3d train` sets them (cluster/cli.py): spinning threads make a
+    # multi-thread step on a busy machine many times slower.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(tree)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
