@@ -61,23 +61,10 @@ def _train_in_process(config) -> dict:
 
 
 def _train_here(config) -> dict:
-    from trainer.loop.device import resolve_device
-    from trainer.loop.train import train
+    from cluster.data_source import train
 
-    data = None
-    if config.stream is not None:
-        from cluster.streaming import StreamingBatches
-        from trainer.loop.process_group import init_process_group
-
-        # Under torchrun / the deepspeed launcher every rank streams its own part of the shards.
-        group = init_process_group(resolve_device(config.train.device).type)
-        data = StreamingBatches(config.stream, rank=group.rank, world_size=group.world_size,
-                                device=resolve_device(config.train.device, group.local_rank))
-    try:
-        result = train(config, data)
-    finally:
-        if data is not None:
-            data.close()
+    # Under torchrun / the deepspeed launcher every rank streams its own part of the shards.
+    result = train(config)
     return {"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}
 
 

@@ -3,7 +3,8 @@
 Who does what:
 - Ray Train starts the workers, sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and creates the
   torch process group (gloo on CPU, NCCL on GPU); trainer.loop.process_group.init_process_group reuses it.
-- Each worker builds its own data source (the folder, or its part of the shard stream) and calls
+- Each worker builds its own data source (its part of the shard stream: data.root's local cache of
+  shards or a stream: section's, cluster/data_source.py) and calls
   trainer.loop.train.train, which resumes by itself from <train.out_dir>/checkpoints/latest.
 - Fault tolerance: FailureConfig(max_failures) makes Ray Train tear the whole worker group down when a
   worker dies and start a new one; the new workers resume from our own latest checkpoint. Our
@@ -138,6 +139,7 @@ def _train_and_digest(config, data, after_save=None):
         result = trainer.run()
         return result, parameter_digest(trainer.engine.module)
     finally:
+        trainer.close()  # closes the batch source it built
         trainer.engine.engine.destroy()
 
 
@@ -166,8 +168,6 @@ def train_worker(payload: dict) -> None:
     import ray.train
 
     from cluster.storage import staged_out_dir
-    from trainer.loop.process_group import init_process_group
-    from trainer.loop.device import resolve_device
 
     config = copy.deepcopy(payload["config"])
     context = ray.train.get_context()
@@ -189,18 +189,9 @@ def train_worker(payload: dict) -> None:
     with staged_out_dir(config, rank, node_id) as (out_dir, after_save):
         config.train.out_dir = out_dir
         _write_worker_file(out_dir, rank, payload["run"])
-        data = None
-        if getattr(config, "stream", None) is not None:
-            from cluster.streaming import StreamingBatches
+        from cluster.data_source import batch_source
 
-            group = init_process_group(resolve_device(config.train.device).type)
-            data = StreamingBatches(config.stream, rank=group.rank, world_size=group.world_size,
-                                    device=resolve_device(config.train.device, group.local_rank))
-        try:
-            result, digest = _train_and_digest(config, data, after_save)
-        finally:
-            if data is not None:
-                data.close()
+        result, digest = _train_and_digest(config, batch_source(config), after_save)
         _write_worker_file(out_dir, rank, payload["run"], {"finished_step": result.steps, "param_sha256": digest})
     metrics = {"step": result.steps, "checkpoint": result.checkpoint or "",
                "images_per_second": result.images_per_second}

@@ -179,7 +179,7 @@ def test_promtool_accepts_rules_and_config(tmp_path):
 
 @needs_prometheus
 def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, tmp_path, caplog):
-    from trainer.loop.train import train
+    from cluster.data_source import train
 
     caplog.set_level(logging.INFO, logger="trainer.loop.monitor")
     prometheus = Prometheus(tmp_path)

@@ -21,7 +21,7 @@ from cluster.cli import main as cli_main
 from test_resume_config import fast_config
 from trainer.config import dump_config
 from trainer.loop.run_lock import LOCK_NAME, RunLock, RunLockedError
-from trainer.loop.train import train
+from cluster.data_source import train
 
 REPO = Path(__file__).resolve().parents[1]
 
