@@ -15,7 +15,7 @@ from trainer.loop.checkpoint_load import load_checkpoint
 from trainer.loop.engine import TrainModule, build_engine, speed_up
 from trainer.loop.process_group import init_process_group
 from trainer.loop.checkpoint import fp32_model_state
-from trainer.loop.train import train
+from cluster.data_source import train
 from trainer.model.perceptual import PerceptualConfig, build_perceptual_net
 from trainer.model.unsup3d import Unsup3DLoss, gaussian_blur
 from trainer.render import geometry
