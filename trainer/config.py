@@ -183,7 +183,9 @@ class EngineConfig:
     The defaults were chosen by measurement (benchmarks/engine_results.md)."""
 
     precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16' (fp16 only on GPU). The renderer and losses always run in float32."""
+    """'fp32', 'bf16' or 'fp16' (fp16 only on GPU), or 'auto': bf16 where the hardware computes it
+    natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16 support), else fp32 (bf16 emulated on an
+    older CPU is slower than fp32). The renderer and losses always run in float32."""
     mixed_precision: str = "autocast"
     """How bf16/fp16 is applied: 'autocast' (DeepSpeed's torch_autocast section: float32 weights,
     the nets run under torch.autocast) or 'deepspeed' (DeepSpeed's bf16/fp16 section: low-precision
@@ -197,18 +199,42 @@ class EngineConfig:
     optimizer: str = "torch"
     """Adam implementation: 'torch' (torch.optim.Adam handed to DeepSpeed) or 'deepspeed' (DeepSpeed's
     own Adam in L2 mode, JIT-compiled at first use)."""
+    adam: str = "fused"
+    """How torch.optim.Adam (optimizer 'torch') runs its step: 'fused' (one kernel over all parameters),
+    'foreach' (multi-tensor ops) or 'for-loop' (one set of ops per parameter, torch's CPU default).
+    Same update up to rounding; 'fused' measured fastest on CPU (BENCHMARKS.md, issue 14)."""
+    channels_last: bool = False
+    """Run the five nets in channels-last memory layout (weights and input). Same results up to
+    rounding; whether it is faster depends on the CPU and the widths (BENCHMARKS.md, issue 14).
+    Only with zero_stage 0 and autocast (or fp32): ZeRO and DeepSpeed's bf16/fp16 optimizer keep
+    the parameters in flat buffers of the default layout."""
+    compile: bool = False
+    """torch.compile each of the five nets (in place: state_dict keys and checkpoints unchanged).
+    The first steps take longer (the compile); later ones may be faster (BENCHMARKS.md, issue 14)."""
+    cpu_threads: int | None = None
+    """torch intra-op threads for the step on CPU (torch.set_num_threads when the engine is built);
+    None keeps torch's default (one per core, or OMP_NUM_THREADS)."""
     max_nonfinite_steps: int = 3
     """After this many non-finite steps in a row (each skipped), roll back to the last checkpoint."""
     max_rollbacks: int = 3
     """A run that needs more rollbacks than this stops with an error."""
 
     def __post_init__(self):
-        check_choice(self, "precision", ("fp32", "bf16", "fp16"))
+        check_choice(self, "precision", ("fp32", "bf16", "fp16", "auto"))
         check_choice(self, "mixed_precision", ("autocast", "deepspeed"))
         check_choice(self, "zero_stage", (0, 1, 2))
         check_choice(self, "optimizer", ("torch", "deepspeed"))
         check_int(self, "gradient_accumulation_steps", 1)
         check_float(self, "gradient_clipping", 0.0)
+        # ZeRO 1/2 and DeepSpeed's bf16/fp16 optimizer keep the parameters as views into flat buffers;
+        # a layout change after deepspeed.initialize would cut them off from the optimizer's copy.
+        require(not self.channels_last or (self.zero_stage == 0 and (self.precision == "fp32"
+                                                                      or self.mixed_precision == "autocast")),
+                "channels_last", self.channels_last,
+                "works only with zero_stage 0 and mixed_precision autocast (or precision fp32)")
+        check_choice(self, "adam", ("fused", "foreach", "for-loop"))
+        if self.cpu_threads is not None:
+            check_int(self, "cpu_threads", 1)
         check_int(self, "max_nonfinite_steps", 1)
         check_int(self, "max_rollbacks", 0)
 

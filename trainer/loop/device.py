@@ -23,3 +23,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                          "(use cpu or auto)")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a GPU that supports it, or a CPU with the AVX512-BF16 or
+    AMX-BF16 instructions (Linux: /proc/cpuinfo). Elsewhere oneDNN emulates bf16, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

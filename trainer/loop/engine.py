@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import EngineConfig, RunConfig
+from trainer.loop.device import native_bf16
 from trainer.loop.timing import NO_TIMER, SectionTimer
 from trainer.model.unsup3d import Decomposition, Unsup3D
 
@@ -27,9 +28,13 @@ log = logging.getLogger(__name__)
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_engine_config(config: RunConfig) -> EngineConfig:
-    """engine section with the older train.autocast_dtype folded in (it means precision under autocast)."""
+def resolve_engine_config(config: RunConfig, device: torch.device | None = None) -> EngineConfig:
+    """engine section with the older train.autocast_dtype folded in (it means precision under autocast)
+    and precision 'auto' resolved for `device` (fp32 when no device is given)."""
     engine = config.engine
+    if engine.precision == "auto":
+        chosen = "bf16" if device is not None and native_bf16(device) else "fp32"
+        engine = EngineConfig(**{**engine.__dict__, "precision": chosen})
     legacy = config.train.autocast_dtype
     if legacy == "none":
         return engine
@@ -70,9 +75,47 @@ class TrainModule(Unsup3D):
     """Unsup3D with forward = decompose, so the engine can call it (same state_dict keys). The step timer
     comes in as an argument (the engine passes keyword arguments through to forward)."""
 
+    channels_last = False  # set by build_engine (EngineConfig.channels_last)
+
     def forward(self, image: torch.Tensor, timer: SectionTimer = NO_TIMER) -> Decomposition:
         first = next(self.parameters())
-        return self.decompose(image.to(first.dtype) if first.dtype != image.dtype else image, timer)
+        if first.dtype != image.dtype:
+            image = image.to(first.dtype)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.decompose(image, timer)
+
+
+def speed_up(module: Unsup3D, engine: EngineConfig) -> None:
+    """Apply EngineConfig's layout and compile settings to the five nets, in place."""
+    nets = [module.depth_net, module.albedo_net, module.light_net, module.view_net, module.confidence_net]
+    for net in filter(None, nets):
+        if engine.channels_last:
+            # After deepspeed.initialize (which views every parameter as bytes, so needs the default
+            # layout); .to() swaps each parameter's data in place, so the optimizer keeps its parameters.
+            net.to(memory_format=torch.channels_last)
+        if engine.compile:
+            # nn.Module.compile, not torch.compile(net): the module stays itself, so its state_dict
+            # keys carry no "_orig_mod." and checkpoints are those of an eager run.
+            net.compile()
+    if isinstance(module, TrainModule):
+        module.channels_last = engine.channels_last
+
+
+def adam_flags(engine: EngineConfig) -> dict:
+    """torch.optim.Adam's keywords for EngineConfig.adam."""
+    return {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": None, "foreach": True},
+            "for-loop": {"fused": None, "foreach": False}}[engine.adam]
+
+
+def apply_adam_flags(engine: Engine) -> None:
+    """Set EngineConfig.adam on the torch Adam's param groups again: loading an optimizer state brings
+    back the implementation of the run that saved it (a checkpoint of an older version: for-loop)."""
+    if engine.config.optimizer != "torch":
+        return
+    for group in engine.gate.optimizer.param_groups:
+        if "fused" in group:
+            group.update(adam_flags(engine.config))
 
 
 class SkippableStep:
@@ -96,12 +139,24 @@ class SkippableStep:
 
 
 class NonFiniteWatch:
-    """Flags a non-finite loss or gradient during the micro-batches of one step (no host sync)."""
+    """Flags a non-finite loss or gradient during the micro-batches of one step (no host sync).
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, watch_gradients: bool):
+    Gradients are checked either as they arrive (a hook per parameter: works for every ZeRO stage and
+    precision, where DeepSpeed may move gradients out of param.grad) or, with `gradients_in_params`,
+    once per step in take() on the accumulated param.grad by one multi-tensor norm: the same verdict
+    (a non-finite value stays non-finite when accumulated) for a fraction of the cost of 3 ops per
+    parameter and micro-batch (issue 14). A finite gradient whose norm overflows float32 also counts
+    as non-finite there; such a step would be useless anyway.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, watch_gradients: bool,
+                 gradients_in_params: bool = False):
         self.flag = torch.zeros((), dtype=torch.bool, device=device)
         self.handles = []
-        if watch_gradients:
+        self.params = []
+        if watch_gradients and gradients_in_params:
+            self.params = [p for p in module.parameters() if p.requires_grad]
+        elif watch_gradients:
             for param in module.parameters():
                 if param.requires_grad:
                     self.handles.append(param.register_hook(self._check))
@@ -113,6 +168,9 @@ class NonFiniteWatch:
         self.flag.logical_or_(~torch.isfinite(loss.detach()).all())
 
     def take(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            self.flag.logical_or_(~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         bad = bool(self.flag.item())
         self.flag.zero_()
         return bad
@@ -134,23 +192,34 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
 
     from trainer.loop.checkpoint_load import install_safe_deepspeed_loader
 
-    engine_config = resolve_engine_config(config)
+    engine_config = resolve_engine_config(config, device)
+    if config.engine.precision == "auto":
+        log.info("engine.precision auto: %s on %s", engine_config.precision, device)
     if engine_config.precision == "fp16" and device.type != "cuda":
         log.warning("fp16 on CPU works only where the CPU supports it (AVX512-FP16); bf16 is the CPU mixed precision")
+    if engine_config.cpu_threads is not None and device.type == "cpu":
+        torch.set_num_threads(engine_config.cpu_threads)
     module = TrainModule(config.model).to(device)
     module.mirrored_pose = config.loss.lam_pose_flip > 0
     ds_config = deepspeed_config(engine_config, config, world_size)
     optimizer = None
     if engine_config.optimizer == "torch":
         opt = config.optimizer
-        optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        optimizer = torch.optim.Adam(module.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+                                     **adam_flags(engine_config))
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, model_parameters=module.parameters() if optimizer is None else None,
         config=ds_config, dist_init_required=False,
     )
     install_safe_deepspeed_loader(ds_engine)
+    speed_up(ds_engine.module, engine_config)
     basic = ds_engine.basic_optimizer if optimizer is None else optimizer
     gate = SkippableStep(basic)
     # fp16 overflows of the loss scaler are DeepSpeed's business (it skips and rescales); watch the loss only.
-    watch = NonFiniteWatch(ds_engine.module, device, watch_gradients=engine_config.precision != "fp16")
+    # Without ZeRO and without DeepSpeed's bf16/fp16 optimizer, the gradients stay in param.grad
+    # until the step: check them there, once per step.
+    in_params = engine_config.zero_stage == 0 and (engine_config.precision == "fp32"
+                                                   or engine_config.mixed_precision == "autocast")
+    watch = NonFiniteWatch(ds_engine.module, device, watch_gradients=engine_config.precision != "fp16",
+                           gradients_in_params=in_params)
     return Engine(ds_engine, ds_engine.module, gate, watch, engine_config, ds_config)

