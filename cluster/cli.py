@@ -8,6 +8,7 @@ the subcommands so that `unsup3d --help` is instant and a bad config fails befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -114,20 +115,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     resources = Resources(workers=args.workers, cpus_per_worker=cpus, gpus_per_worker=args.gpus_per_worker,
                           max_failures=args.max_failures)
     from cluster.console import EmbeddedRayConsole
+    from cluster.ray_train import run_lock
 
-    console = EmbeddedRayConsole(config.train.out_dir) if embedded else None
-    try:
-        how = connect(args.address, console=console)
+    # One run per out_dir: the lock comes before the console's <out_dir>/logs, so a refused second run
+    # writes nothing into the first one's out_dir.
+    with run_lock(config.train.out_dir) if embedded else contextlib.nullcontext():
+        console = EmbeddedRayConsole(config.train.out_dir) if embedded else None
         try:
-            final = run_training(config, resources, run_name=args.run_name)
-        finally:
-            if how == "local":  # the embedded Ray is ours: stop it (never `ray stop`, which stops every Ray here)
-                import ray
+            how = connect(args.address, console=console)
+            try:
+                final = run_training(config, resources, run_name=args.run_name, locked=embedded)
+            finally:
+                if how == "local":  # the embedded Ray is ours: stop it (never `ray stop`, which stops every Ray here)
+                    import ray
 
-                ray.shutdown()
-    finally:
-        if console is not None:
-            console.close()
+                    ray.shutdown()
+        finally:
+            if console is not None:
+                console.close()
     print(json.dumps(final))
     return 0
 

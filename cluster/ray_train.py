@@ -200,7 +200,8 @@ def train_worker(payload: dict) -> None:
     ray.train.report(metrics)
 
 
-def run_training(config, resources: Resources, run_name: str | None = None, address: str | None = None) -> dict:
+def run_training(config, resources: Resources, run_name: str | None = None, address: str | None = None,
+                 locked: bool = False) -> dict:
     """Train `config` (a JobConfig) on a Ray cluster with `resources`; blocks until it ends. Returns the
     run name and its out_dir's step, last loss and latest checkpoint. Raises ray.train.TrainingFailedError once max_failures restarts are used up."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -225,7 +226,8 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
              per_worker, config.train.out_dir, resources.max_failures)
     # One run per out_dir, taken before anything (Ray's run state included) is written there and held
     # for the whole run and its restarts; the workers do not take it again.
-    with run_lock(config.train.out_dir):
+    # locked: the caller (the CLI, before it opens <out_dir>/logs) already holds it.
+    with contextlib.nullcontext() if locked else run_lock(config.train.out_dir):
         preflight(config, resources.workers)
         trainer = TorchTrainer(
             train_worker,
