@@ -46,14 +46,6 @@ def test_no_ray_skips_a_bad_image_by_name_reuses_the_cache_and_resumes_exactly(s
         path.write_text(dump_config(fast_config(root, tmp_path / name, max_steps=steps, log_every=1)))
         assert cli_main(["train", "--no-ray", "--config", str(path)]) == 0
 
-    # Earlier in-process runs in the same pytest process (Ray's logging setup among them) can leave the
-    # project's loggers switched off or cut from the root, where caplog listens: undo that here.
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and name.split(".")[0] in ("trainer", "data_pipeline", "cluster"):
-            logger.disabled, logger.propagate = False, True
-            logger.setLevel(logging.NOTSET)
-    if caplog.handler not in logging.getLogger().handlers:
-        logging.getLogger().addHandler(caplog.handler)
     caplog.set_level(logging.INFO)
     run("straight", 6)
     assert "first use of this folder" in caplog.text
