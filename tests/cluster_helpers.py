@@ -41,3 +41,12 @@ def forget_launch_variables(monkeypatch) -> None:
     and `unsup3d train` would take this process for a torchrun rank and skip Ray."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+
+
+def point_aws_at(monkeypatch, endpoint: str) -> None:
+    """Credentials and endpoint of a test's moto server, and nothing of this machine's AWS setup."""
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "data_pipeline"))
 from cluster.cli import main as cli_main  # noqa: E402
 from cluster.job_config import load_job_config  # noqa: E402
 from cluster.ray_train import Resources, run_training  # noqa: E402
-from cluster_helpers import start_local_cluster, tiny_config  # noqa: E402
+from cluster_helpers import point_aws_at, start_local_cluster, tiny_config  # noqa: E402
 from dp_helpers import MotoServer  # noqa: E402
 
 
@@ -29,11 +29,7 @@ def s3(monkeypatch):
     server = MotoServer()
     server.start()
     try:
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", server.endpoint)):
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        point_aws_at(monkeypatch, server.endpoint)
         yield server
     finally:
         server.stop()

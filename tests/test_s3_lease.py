@@ -20,6 +20,7 @@ pytest.importorskip("s3fs")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data_pipeline"))
 
 from cluster.lease import LEASE_NAME, S3Lease  # noqa: E402
+from cluster_helpers import point_aws_at  # noqa: E402
 from dp_helpers import MotoServer  # noqa: E402
 from trainer.loop.run_lock import RunLockedError  # noqa: E402
 
@@ -31,11 +32,7 @@ def s3(monkeypatch):
     server = MotoServer()
     server.start()
     try:
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", server.endpoint)):
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        point_aws_at(monkeypatch, server.endpoint)
         from data_pipeline.storage import open_storage
 
         storage = open_storage(URL)
