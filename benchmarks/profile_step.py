@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_train import cpu_name  # noqa: E402
 
 import torch  # noqa: E402
 from torch.autograd.profiler import record_function  # noqa: E402
@@ -62,16 +63,6 @@ ALLOC_OPS = ("aten::empty", "aten::empty_strided", "aten::zeros", "aten::zero_",
 # Regions this script marks with record_function (the renderer's methods are wrapped below).
 REGIONS = ("prof::nets", "prof::rasterizer", "prof::warp", "prof::render", "prof::perceptual", "prof::losses",
            "prof::backward", "prof::optimizer")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def recipe_config(recipe: str, widths: int, batch: int, extra: dict | None = None):
