@@ -173,6 +173,7 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
         yield None
         return
     path = directory / DEEPSPEED_LOG
+    console = sys.stdout
     with open(path, "a", encoding="utf-8", buffering=1) as sink, contextlib.redirect_stdout(sink):
         # Imported with stdout redirected: DeepSpeed's logger binds its handler to sys.stdout at import
         # and reports the accelerator it found right away.
@@ -181,7 +182,10 @@ def quiet_libraries(out_dir: str) -> Iterator[Path | None]:
         except ImportError:  # without the engine extra the trainer says what is missing
             pass
 
-        handlers = [h for h in logging.getLogger("DeepSpeed").handlers if isinstance(h, logging.StreamHandler)]
+        # Only the handlers that write to stdout: others on that logger belong to someone else (pytest
+        # attaches its capture handler to every non-propagating logger, DeepSpeed's included).
+        handlers = [h for h in logging.getLogger("DeepSpeed").handlers
+                    if isinstance(h, logging.StreamHandler) and h.stream in (console, sys.__stdout__, sink)]
         before = [h.stream for h in handlers]
         for handler in handlers:
             _point(handler, sink)

@@ -68,3 +68,27 @@ def test_a_direct_run_is_as_quiet(synthetic_root, tmp_path):
     assert_quiet(tiny_default_run(synthetic_root, out_dir, "--no-ray"), out_dir)
     deepspeed_log = (out_dir / "logs" / "deepspeed.log").read_text()
     assert "built successfully" in deepspeed_log or "Setting accelerator" in deepspeed_log
+
+
+def test_quiet_libraries_moves_only_the_handlers_that_write_to_stdout(tmp_path):
+    """pytest (and others) attach handlers to non-propagating loggers such as DeepSpeed's: while training,
+    those keep their own streams; only DeepSpeed's stdout handler goes to deepspeed.log."""
+    import io
+    import logging
+
+    from cluster.console import quiet_libraries
+
+    logger = logging.getLogger("DeepSpeed")
+    ours = logging.StreamHandler(io.StringIO())
+    on_stdout = logging.StreamHandler(sys.stdout)
+    logger.addHandler(ours)
+    logger.addHandler(on_stdout)
+    try:
+        with quiet_libraries(str(tmp_path)) as path:
+            assert on_stdout.stream is not sys.__stdout__ and on_stdout.stream.name == str(path)
+            logger.warning("a line for the file")
+        assert "a line for the file" in ours.stream.getvalue()
+        assert "a line for the file" in Path(path).read_text()
+    finally:
+        logger.removeHandler(ours)
+        logger.removeHandler(on_stdout)
