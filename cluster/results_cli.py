@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.results.json_text import json_text
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -56,7 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            device=args.device, on_error=args.on_error, report_dir=report_dir,
                            worst=args.worst, images=args.images, max_image_pixels=args.max_image_pixels,
                            min_image_size=args.min_image_size)
-    text = json.dumps(results, indent=2)
+    text = json_text(results, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
     print(text)

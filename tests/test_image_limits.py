@@ -137,3 +137,27 @@ def test_the_training_folder_skips_and_counts_instead_of_upscaling_a_one_pixel_i
     assert entry.manifest.dataset.prepare_skipped == {"too_small": 1, "too_large": 1}
     assert entry.manifest.num_samples == 4
     assert sorted(entry.skipped) == ["train/image/dot_image.png", "train/image/giant_image.png"]
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN and Infinity, as jq and browsers do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_evaluate_over_one_image_writes_strict_json_with_null_for_the_undefined_std(tmp_path, capsys):
+    split = tmp_path / "data" / "test"
+    write_pair(split, "only", 64)
+    depth = np.zeros((64, 64), np.uint8)  # byte 0 is background (the farthest depth)
+    depth[12:52, 12:52] = 128
+    Image.fromarray(depth).save(split / "depth" / "only_depth.png")
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(small_checkpoint(tmp_path)), "--data", str(tmp_path / "data"),
+                     "--output", str(out), "--report-dir", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    for text in (out.read_text(), printed, (tmp_path / "report" / "results.json").read_text()):
+        results = _strict(text)
+        assert results["images"] == 1
+        side = results["model"]["side_x1e-2"]
+        assert side["n"] == 1 and side["mean"] >= 0 and side["std"] is None

@@ -41,6 +41,7 @@ from trainer.loop.run_lock import RunLock, RunLockedError
 from trainer.loop.device import resolve_device
 from trainer.loop.metrics_log import drop_records_after
 from trainer.loop.rng import load_rng_state, rng_state, seed_everything
+from trainer.results.json_text import json_text
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class Trainer:
     def record(self, entry: dict) -> None:
         if self.metrics_file is not None:
             try:
-                self.metrics_file.write(json.dumps(entry) + "\n")
+                self.metrics_file.write(json_text(entry) + "\n")
                 self.metrics_file.flush()
             except OSError as error:  # a full disk: name the file (a buffered write's error names none)
                 raise OSError(error.errno, error.strerror, self.metrics_file.name) from error

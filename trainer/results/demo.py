@@ -32,6 +32,7 @@ from trainer.results.mesh import write_textured_mesh
 from trainer.loop.device import resolve_device
 from trainer.render.geometry import intrinsics
 from trainer.data.synface import DEFAULT_MAX_PIXELS, ImageSizeError, default_min_size, open_image_quietly, size_problem
+from trainer.results.json_text import json_text
 
 log = logging.getLogger(__name__)
 
@@ -276,5 +277,5 @@ def run_demo(checkpoint: str, input_path: str, out_dir: str, device: str = "auto
         "seconds": round(time.perf_counter() - started, 3),
         "outputs": results,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "demo.json").write_text(json_text(summary, indent=2) + "\n")
     return summary

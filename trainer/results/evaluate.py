@@ -362,8 +362,7 @@ def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", bat
     "baselines" (computed once: they do not depend on the model), "evaluations" (each checkpoint's
     evaluate() dict), "curve" and "json" (the files written). No per-checkpoint report is written.
     """
-    import json
-
+    from trainer.results.json_text import json_text
     from trainer.results.learning_curve import curve_from_evaluations, plot_learning_curve
 
     paths = checkpoints_in(folder)
@@ -383,6 +382,6 @@ def evaluate_checkpoints(folder: str | Path, data: str, split: str = "test", bat
            "images": evaluations[0]["images"], "points": learning_curve.points, "baselines": learning_curve.baselines,
            "curve": str(png), "json": str(png.with_suffix(".json")), "evaluations": evaluations}
     plot_learning_curve(learning_curve, png)
-    png.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    png.with_suffix(".json").write_text(json_text(out, indent=2) + "\n")
     return out
 

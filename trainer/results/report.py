@@ -15,7 +15,6 @@ Files written to the report folder:
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 
 from trainer.results import visualize as vis
 from trainer.render.geometry import depth_to_normals, intrinsics
+from trainer.results.json_text import json_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -142,7 +142,7 @@ def write_report(results: dict, per_image, out_dir: str | Path, worst_cases: Seq
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json_text(results, indent=2) + "\n")
 
     methods = [m for m in METHOD_TITLES if isinstance(results.get(m), dict)]
     with open(out / "per_image.csv", "w", newline="") as f:
