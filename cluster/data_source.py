@@ -56,6 +56,18 @@ def prepare_folder(config):
                                              min_image_size=config.data.min_image_size))
 
 
+def check_enough_images(config, entry, world_size: int) -> None:
+    """A folder with fewer usable images than one batch of every process would fill each batch with
+    repeats of the same few images: refused, with the count and what prepare skipped."""
+    usable, needed = entry.manifest.num_samples, config.data.batch_size * world_size
+    if usable >= needed:
+        return
+    skipped = f"; {len(entry.skipped)} files skipped: {', '.join(sorted(entry.skipped)[:5])}" if entry.skipped else ""
+    raise ValueError(f"{config.data.root} (split {config.data.split}) holds {usable} usable images, fewer than one "
+                     f"batch of {config.data.batch_size} (data.batch_size)"
+                     + (f" for each of {world_size} processes" if world_size > 1 else "") + skipped)
+
+
 def batch_source(config):
     """A factory (group, device) -> the run's batch source, for trainer.loop.train.Trainer / train()."""
 
@@ -77,6 +89,7 @@ def batch_source(config):
             raise RuntimeError(f"rank 0 could not prepare data.root: {failure}")
         if entry is None:  # rank 0's entry, or this node's own where data.root is not a shared folder
             entry = prepare_folder(config)
+        check_enough_images(config, entry, group.world_size)
         return StreamingBatches(folder_loader_config(config, entry), rank=group.rank,
                                 world_size=group.world_size, device=device, reads_data_root=True,
                                 prepare_skipped=entry.skipped)

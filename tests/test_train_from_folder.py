@@ -63,3 +63,22 @@ def test_no_ray_skips_a_bad_image_by_name_reuses_the_cache_and_resumes_exactly(s
     assert straight["step"] == resumed["step"] == 6 and straight["data"] == resumed["data"]
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     capsys.readouterr()
+
+
+def test_a_folder_with_fewer_usable_images_than_a_batch_is_refused_with_the_count_and_the_skips(
+        synthetic_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    root = tmp_path / "data"
+    for kind in ("image", "depth"):
+        (root / "train" / kind).mkdir(parents=True)
+        for name in sorted((synthetic_root / "train" / kind).iterdir())[:3]:
+            shutil.copy(name, root / "train" / kind / name.name)
+    (root / "train" / "image" / "zz_bad_image.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shutil.copy(root / "train" / "depth" / "000000_depth.png", root / "train" / "depth" / "zz_bad_depth.png")
+    path = tmp_path / "few.yaml"
+    path.write_text(dump_config(fast_config(root, tmp_path / "run", max_steps=2)))
+    assert cli_main(["train", "--no-ray", "--config", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "holds 3 usable images, fewer than one batch of" in err and "(data.batch_size)" in err
+    assert "train/image/zz_bad_image.png" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
