@@ -1,4 +1,4 @@
-"""Tests of trainer.render.rasterizer: the fast rasteriser against the brute-force reference, and the
+"""Tests of trainer.render.rasterizer (and its pixel_candidates): the fast rasteriser against the brute-force reference, and the
 properties the renderer relies on (coverage, perspective-correct depth, gradients, no NaN)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.render import geometry, rasterizer
+from trainer.render import geometry, pixel_candidates, rasterizer
 from trainer.render.rasterizer import grid_faces, rasterize_depth, rasterize_depth_brute_force
 
 
@@ -106,7 +106,7 @@ def test_chunked_processing_gives_the_same_result(monkeypatch):
     args = (view_vertices(depth, R, t), grid_faces(size, size), geometry.intrinsics(size), size, size)
     reference = rasterize_depth(*args)
     monkeypatch.setattr(rasterizer, "FACE_CHUNK_CPU", 37)
-    monkeypatch.setattr(rasterizer, "CANDIDATE_CHUNK", 50)
+    monkeypatch.setattr(pixel_candidates, "CANDIDATE_CHUNK", 50)
     monkeypatch.setattr(rasterizer, "BRUTE_FORCE_CHUNK", 999)
     assert_same_rendering(rasterize_depth(*args), reference)
     assert_same_rendering(rasterize_depth_brute_force(*args), reference)
@@ -120,9 +120,9 @@ def test_box_and_scanline_enumeration_agree(monkeypatch):
     R, t = random_view(2, generator)
     args = (view_vertices(depth, R, t), grid_faces(size, size), geometry.intrinsics(size), size, size)
     reference = rasterize_depth_brute_force(*args)
-    monkeypatch.setattr(rasterizer, "BOX_MAX_AREA", 0)
+    monkeypatch.setattr(pixel_candidates, "BOX_MAX_AREA", 0)
     assert_same_rendering(rasterize_depth(*args), reference)
-    monkeypatch.setattr(rasterizer, "BOX_MAX_AREA", 10**9)
+    monkeypatch.setattr(pixel_candidates, "BOX_MAX_AREA", 10**9)
     assert_same_rendering(rasterize_depth(*args), reference)
 
 
