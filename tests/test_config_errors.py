@@ -58,6 +58,8 @@ CASES = [
     ("nan-lr", "optimizer:\n  lr: .nan\n", "optimizer.lr"),
     ("infinite-lr", "optimizer:\n  lr: .inf\n", "optimizer.lr"),
     ("beta-above-one", with_value("optimizer", "betas", [0.9, 1.5]), "optimizer.betas[1]"),
+    ("decay-steps-out-of-order", with_value("optimizer", "lr_decay_steps", [500, 200]), "optimizer.lr_decay_steps"),
+    ("decay-factor-zero", with_value("optimizer", "lr_decay_factor", 0), "optimizer.lr_decay_factor"),
     ("negative-loss-weight", with_value("loss", "lam_smooth", -0.1), "loss.lam_smooth"),
     ("depth-range-inverted", with_value("model", "min_depth", 1.2), "model.min_depth"),
     ("zero-stage-3", with_value("engine", "zero_stage", 3), "engine.zero_stage"),

@@ -60,3 +60,36 @@ def test_a_resume_drops_the_records_of_the_steps_it_redoes(synthetic_root, tmp_p
     for a, b in zip(first, again):  # an exact resume logs the same values for the redone steps
         assert a["total"] == b["total"], (a, b)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
+def test_the_step_decay_sets_each_steps_learning_rate_and_a_resume_follows_it_exactly(synthetic_root, tmp_path,
+                                                                                     caplog):
+    from trainer.loop.checkpoint_load import load_checkpoint
+    from trainer.loop.lr_schedule import scheduled_lr
+    import torch
+
+    def run(name, steps):
+        config = fast_config(synthetic_root, tmp_path / name, max_steps=steps, checkpoint_every=3, log_every=1)
+        config.optimizer.lr, config.optimizer.lr_decay_steps, config.optimizer.lr_decay_factor = 1e-3, [2, 4], 0.5
+        trainer = Trainer(config, batch_source(config))
+        try:
+            trainer.run()
+            lr = trainer.engine.gate.optimizer.param_groups[0]["lr"]
+        finally:
+            trainer.close()
+            trainer.engine.engine.destroy()
+        return config, lr
+
+    caplog.set_level(logging.INFO, logger="trainer.loop.train")
+    config, lr = run("straight", 6)
+    assert [scheduled_lr(config.optimizer, s) for s in range(6)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
+    assert lr == 2.5e-4
+    assert "step 3: learning rate 0.0005" in caplog.text and "step 5: learning rate 0.00025" in caplog.text
+    run("resumed", 3)
+    caplog.clear()
+    _, lr = run("resumed", 6)
+    assert lr == 2.5e-4 and "changed from" not in caplog.text  # the restored lr is the schedule's
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints")
+    assert straight["step"] == resumed["step"] == 6
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])

@@ -32,9 +32,19 @@ class OptimizerConfig:
     """Adam betas."""
     weight_decay: float = 5e-4
     """L2 weight decay (torch Adam's, as the reference)."""
+    lr_decay_steps: list[int] = field(default_factory=list)
+    """Step decay: after each of these steps (increasing) the learning rate is multiplied by
+    lr_decay_factor. Empty (the reference): a constant learning rate."""
+    lr_decay_factor: float = 0.2
+    """What each step in lr_decay_steps multiplies the learning rate by."""
 
     def __post_init__(self):
         check_float(self, "lr", 0.0, strict_minimum=True)
+        steps = self.lr_decay_steps
+        require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)
+                and list(steps) == sorted(set(steps)), "lr_decay_steps", steps,
+                "must be a list of increasing step numbers >= 1")
+        check_float(self, "lr_decay_factor", 0.0, 1.0, strict_minimum=True)
         for i, beta in enumerate(self.betas):
             require(isinstance(beta, (int, float)) and 0.0 <= beta < 1.0, f"betas[{i}]", beta,
                     "must be in [0, 1) (Adam's moment decay)")

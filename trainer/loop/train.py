@@ -42,6 +42,7 @@ from trainer.loop.device import resolve_device
 from trainer.loop.metrics_log import drop_records_after
 from trainer.loop.rng import load_rng_state, rng_state, seed_everything
 from trainer.results.json_text import json_text
+from trainer.loop.lr_schedule import scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ class Trainer:
         what they are now. Each difference is applied to every param group and logged (and, on rank 0,
         recorded in metrics.jsonl once it is open)."""
         opt = self.config.optimizer
-        wanted = {"lr": float(opt.lr), "betas": tuple(float(b) for b in opt.betas), "weight_decay": float(opt.weight_decay)}
+        wanted = {"lr": scheduled_lr(opt, self.step), "betas": tuple(float(b) for b in opt.betas),
+                  "weight_decay": float(opt.weight_decay)}
         changes: dict = {}
         for group in self.engine.gate.optimizer.param_groups:
             for key, value in wanted.items():
@@ -296,6 +298,7 @@ class Trainer:
                 with timer("optimizer"):
                     ds.step()  # DeepSpeed only counts the micro-step here
         bad = any_rank(self.engine.watch.take(), self.device)
+        self._follow_lr_schedule()
         self.engine.gate.skip = bad
         try:
             with timer("optimizer"):
@@ -303,6 +306,17 @@ class Trainer:
         finally:
             self.engine.gate.skip = False
         return terms, images, bad
+
+    def _follow_lr_schedule(self) -> None:
+        """Set this step's learning rate (optimizer.lr_decay_steps); a function of the step alone, so a
+        resumed run continues on the same schedule."""
+        lr = scheduled_lr(self.config.optimizer, self.step)
+        groups = self.engine.gate.optimizer.param_groups
+        if any(group["lr"] != lr for group in groups):
+            for group in groups:
+                group["lr"] = lr
+            if self.group.is_main:
+                log.info("step %d: learning rate %g (optimizer.lr_decay_steps)", self.step + 1, lr)
 
     def run(self) -> TrainResult:
         latest = self.checkpoints.latest()
