@@ -109,6 +109,8 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for ax, (key, title, is_metric) in zip(axes.ravel(), PANELS):
         for name, rows in runs.items():
+            if len(rows) > 2 and rows[1]["step"] > 2 * (rows[2]["step"] - rows[1]["step"]):
+                rows = rows[1:]  # a branch of another run's checkpoint: its untrained point is not on its curve
             steps = [r["step"] for r in rows]
             values = [r.get(f"model/{key}" if is_metric else key, float("nan")) for r in rows]
             ax.plot(steps, values, marker="o", markersize=3, label=name)
