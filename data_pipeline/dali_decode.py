@@ -61,6 +61,14 @@ class DecodeFailure:
     detail: str
 
 
+def check_batch_size(images: list, max_batch_size: int) -> None:
+    """A decoder's batch: not empty and within the size it was built for."""
+    if not images:
+        raise ValueError("empty batch")
+    if len(images) > max_batch_size:
+        raise ValueError(f"batch of {len(images)} exceeds max_batch_size {max_batch_size}")
+
+
 class DaliDecoder:
     """Decodes batches of validated samples into {"image": [B,3,S,S], "depth": [B,S,S]} on `device`."""
 
@@ -173,10 +181,7 @@ class DaliDecoder:
     def decode(self, images: list[bytes], flips: list[bool], depths: list[np.ndarray] | None = None
                ) -> tuple[dict[str, torch.Tensor], list[DecodeFailure]]:
         """Decode one batch. Returns the tensors (rows of failed samples left out) and the failures."""
-        if not images:
-            raise ValueError("empty batch")
-        if len(images) > self.max_batch_size:
-            raise ValueError(f"batch of {len(images)} exceeds max_batch_size {self.max_batch_size}")
+        check_batch_size(images, self.max_batch_size)
         try:
             return self._run(images, flips, depths), []
         except Exception as error:  # noqa: BLE001 - DALI raises RuntimeError; the pipeline is dead either way

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.dali_decode import DecodeFailure
+from data_pipeline.dali_decode import DecodeFailure, check_batch_size
 
 log = logging.getLogger(__name__)
 _announced = threading.Event()
@@ -85,10 +85,7 @@ class PilDecoder:
     def decode(self, images: list[bytes], flips: list[bool], depths: list[np.ndarray] | None = None
                ) -> tuple[dict[str, torch.Tensor], list[DecodeFailure]]:
         """Decode one batch. Returns the tensors (rows of failed samples left out) and the failures."""
-        if not images:
-            raise ValueError("empty batch")
-        if len(images) > self.max_batch_size:
-            raise ValueError(f"batch of {len(images)} exceeds max_batch_size {self.max_batch_size}")
+        check_batch_size(images, self.max_batch_size)
         rgb, depth, failures = [], [], []
         for i, data in enumerate(images):
             try:

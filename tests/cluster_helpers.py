@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -50,3 +50,17 @@ def point_aws_at(monkeypatch, endpoint: str) -> None:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with the AWS environment pointed at it; stopped on exit."""
+    from dp_helpers import MotoServer
+
+    server = MotoServer()
+    server.start()
+    try:
+        point_aws_at(monkeypatch, server.endpoint)
+        yield server
+    finally:
+        server.stop()

@@ -20,19 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "data_pipeline"))
 from cluster.cli import main as cli_main  # noqa: E402
 from cluster.job_config import load_job_config  # noqa: E402
 from cluster.ray_train import Resources, run_training  # noqa: E402
-from cluster_helpers import point_aws_at, start_local_cluster, tiny_config  # noqa: E402
-from dp_helpers import MotoServer  # noqa: E402
+from cluster_helpers import moto_s3, start_local_cluster, tiny_config  # noqa: E402
 
 
 @pytest.fixture
 def s3(monkeypatch):
-    server = MotoServer()
-    server.start()
-    try:
-        point_aws_at(monkeypatch, server.endpoint)
+    with moto_s3(monkeypatch) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_s3_out_dir_uploads_checkpoints_and_a_relaunch_resumes_from_them(s3, synthetic_root, tmp_path, monkeypatch, capsys):

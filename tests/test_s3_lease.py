@@ -20,8 +20,7 @@ pytest.importorskip("s3fs")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data_pipeline"))
 
 from cluster.lease import LEASE_NAME, S3Lease  # noqa: E402
-from cluster_helpers import point_aws_at  # noqa: E402
-from dp_helpers import MotoServer  # noqa: E402
+from cluster_helpers import moto_s3  # noqa: E402
 from trainer.loop.run_lock import RunLockedError  # noqa: E402
 
 URL = "s3://unsup3d-leases/run"
@@ -29,17 +28,12 @@ URL = "s3://unsup3d-leases/run"
 
 @pytest.fixture
 def s3(monkeypatch):
-    server = MotoServer()
-    server.start()
-    try:
-        point_aws_at(monkeypatch, server.endpoint)
+    with moto_s3(monkeypatch):
         from data_pipeline.storage import open_storage
 
         storage = open_storage(URL)
         storage.ensure_bucket()
         yield storage
-    finally:
-        server.stop()
 
 
 def write_lease(storage, host: str, pid: int, ttl_s: float) -> None:

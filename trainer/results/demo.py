@@ -17,7 +17,6 @@ cropped around the object already, like the training data. Each is centre-croppe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
