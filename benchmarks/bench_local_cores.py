@@ -7,6 +7,8 @@ rounds, so that a change in the machine's load hits them alike. images/s is read
 metrics.jsonl, leaving out the first logged window (start-up, the first batch, the FLOP count).
 
     python benchmarks/bench_local_cores.py --steps 24 --rounds 2
+    python benchmarks/bench_local_cores.py --set model.depth_nf=16 --set model.depth_zdim=64 \
+        --also-with engine.precision=bf16        # every variant also with that override, suffix "+bf16"
 
 Variants:
   no-ray        --no-ray: this process, torch's default threads (every core)
@@ -42,6 +44,7 @@ def variants(cores: int) -> dict[str, tuple[list[str], int]]:
 
 
 def write_config(tmp: Path, data: Path, batch: int, steps: int, log_every: int) -> Path:
+    """configs/default.yaml on data, at this per-worker batch, without evaluation or checkpoints in the window."""
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     config["data"]["root"] = str(data)
     config["data"]["batch_size"] = batch
@@ -82,11 +85,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="global batch (split among the workers)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", help="comma-separated variant names")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every variant (unsup3d train --set; repeatable)")
+    parser.add_argument("--also-with", action="append", default=[], metavar="KEY=VALUE",
+                        help="add a copy of every variant with this override too (named VARIANT+VALUE)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     chosen = variants(cores)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    common = [a for kv in args.set for a in ("--set", kv)]
+    chosen = {k: (common + extra, workers) for k, (extra, workers) in chosen.items()}
+    for kv in args.also_with:
+        value = kv.split("=", 1)[-1]
+        chosen.update({f"{k}+{value}": (extra + ["--set", kv], workers) for k, (extra, workers) in list(chosen.items())
+                       if "+" not in k})
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         data = tmp / "faces"
