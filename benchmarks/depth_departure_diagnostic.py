@@ -9,6 +9,12 @@ and how the first ones relate (to each other and to the head's silhouette area);
 map from the 10 leading predicted components predicts the true departures on held-out images; and
 the shares of each side's departures that a shifted mean map (canonical-frame misplacement) and a
 planar tilt (pose) explain.
+
+With --swap: whether the photometric loss prefers each face's true departures to the model's own.
+The model's canonical depth is re-rendered with its per-image departure replaced (by none, by the
+truth's at several scales, by another face's truth) while the model's own albedo, light, view and
+confidence stay; printed per variant: the masked L1 of the reconstruction and the confidence-weighted
+loss the run trains on (both branches), over the split's images (the mask: pixels every variant keeps).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.data.face_generator import read_truth  # noqa: E402
 from trainer.data.synface import FAR_DEPTH, SynfaceFolder  # noqa: E402
+from trainer.model.losses import photometric_loss  # noqa: E402
 from trainer.results.evaluate import load_model  # noqa: E402
 from trainer.results.truth_probe import COMMON_REGION_SHARE, _departures, _erode, pearson  # noqa: E402
 
@@ -52,12 +59,77 @@ def explained_share(departures: np.ndarray, basis: np.ndarray) -> tuple[float, n
     return 1 - residual.var() / departures.T.var(), residual.T
 
 
+def swapped_departure_losses(checkpoint: str, data: str, split: str) -> None:
+    """The photometric losses of the model's renders with each canonical depth's departure swapped (--swap)."""
+    model, config, _ = load_model(checkpoint, torch.device("cpu"))
+    model.eval()
+    truth = read_truth(data, split)
+    index = {str(n): i for i, n in enumerate(truth["names"])}
+    images, rows = [], []
+    for batch in SynfaceFolder(data, split, image_size=config.image_size, on_error="raise").batches(64):
+        keep = [i for i, name in enumerate(batch["name"]) if name in index]
+        images.append(batch["image"][keep])
+        rows += [index[batch["name"][i]] for i in keep]
+    image = torch.cat(images)
+    true = torch.from_numpy(truth["canonical_depth"][rows].astype(np.float32))
+    region = torch.from_numpy(_erode(((true < FAR_DEPTH).float().mean(0) >= COMMON_REGION_SHARE).numpy(), 1))
+    own_depth = model.canonical_depth
+    with torch.no_grad():
+        own = own_depth(model.depth_net(image)[:, 0].float())
+
+    def departures(depth: torch.Tensor) -> torch.Tensor:
+        inside = depth[:, region]
+        inside = inside - inside.mean(1, keepdim=True)
+        return inside - inside.mean(0, keepdim=True)
+
+    predicted, actual = departures(own), departures(true)
+
+    def with_departures(dep: torch.Tensor) -> torch.Tensor:
+        depth = own.clone()
+        depth[:, region] = own[:, region] - predicted + dep
+        return depth
+
+    another = torch.randperm(len(image), generator=torch.Generator().manual_seed(0))
+    variants = {
+        "own": own,
+        "none (the model's template)": with_departures(torch.zeros_like(predicted)),
+        "the truth's": with_departures(actual),
+        "the truth's x 0.5": with_departures(0.5 * actual),
+        "the truth's x 2": with_departures(2 * actual),
+        "another face's truth": with_departures(actual[another]),
+        "own, scaled to the truth's spread": with_departures(predicted * actual.std() / predicted.std()),
+    }
+    outs = {}
+    try:
+        with torch.no_grad():
+            for name, depth in variants.items():
+                model.canonical_depth = lambda raw, depth=depth: depth
+                outs[name] = model.decompose(image)
+    finally:
+        model.canonical_depth = own_depth
+    n = len(image)
+    if outs["own"].sigma_photometric is None:  # no confidence maps: the run trains on the L1 itself
+        for o in outs.values():
+            o.sigma_photometric = None
+    mask = torch.stack([o.recon_mask[:n] for o in outs.values()]).prod(0)
+    print(f"departure std: predicted {predicted.std():.5f}, true {actual.std():.5f}; {n} images")
+    print("departures          L1        trained loss  trained loss (flipped branch)")
+    for name, o in outs.items():
+        l1 = photometric_loss(o.recon_image[:n], image, None, mask).item()
+        sigma = o.sigma_photometric
+        nll = photometric_loss(o.recon_image[:n], image, None if sigma is None else sigma[:n], mask).item()
+        nll_flip = photometric_loss(o.recon_image[n:], image, None if sigma is None else sigma[n:], mask).item()
+        print(f"{name:36s} {l1:.5f}  {nll:+.5f}  {nll_flip:+.5f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("data")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--swap", action="store_true", help="also the swapped-departure losses (module docstring)")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     pred, true = canonical_depths(args.checkpoint, args.data, args.split)
     region = _erode((true < FAR_DEPTH).mean(0) >= COMMON_REGION_SHARE, 1)
     p, t = _departures(pred, true, region)
@@ -87,6 +159,8 @@ def main() -> None:
         shift, _ = explained_share(departures, np.stack([gx[region], gy[region]], 1))
         tilt, _ = explained_share(departures, tilts)
         print(f"{name}: share of departure variance from a shifted mean map {shift:.3f}, from a planar tilt {tilt:.3f}")
+    if args.swap:
+        swapped_departure_losses(args.checkpoint, args.data, args.split)
 
 
 if __name__ == "__main__":
