@@ -8,7 +8,7 @@ the mean maps' relief; the per-pixel correlation across images; the principal co
 and how the first ones relate (to each other and to the head's silhouette area); how well a linear
 map from the 10 leading predicted components predicts the true departures on held-out images; and
 the shares of each side's departures that a shifted mean map (canonical-frame misplacement) and a
-planar tilt (pose) explain.
+planar tilt (pose) explain; and how the predicted pitch and yaw errors go with that shift and tilt.
 
 With --swap: whether the photometric loss prefers each face's true departures to the model's own.
 The model's canonical depth is re-rendered with its per-image departure replaced (by none, by the
@@ -35,20 +35,23 @@ from trainer.results.evaluate import load_model  # noqa: E402
 from trainer.results.truth_probe import COMMON_REGION_SHARE, _departures, _erode, pearson  # noqa: E402
 
 
-def canonical_depths(checkpoint: str, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) canonical depth maps [N, H, W] of the split's images that have truth."""
+def canonical_depths(checkpoint: str, data: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted, true) canonical depth maps [N, H, W] of the split's images that have truth, then
+    (predicted, true) raw views [N, 6]."""
     model, config, _ = load_model(checkpoint, torch.device("cpu"))
     model.eval()
     truth = read_truth(data, split)
     index = {str(n): i for i, n in enumerate(truth["names"])}
-    rows, depths = [], []
+    rows, depths, views = [], [], []
     with torch.no_grad():
         for batch in SynfaceFolder(data, split, image_size=config.image_size, on_error="raise").batches(64):
             keep = [i for i, name in enumerate(batch["name"]) if name in index]
             out = model.decompose(batch["image"][keep])
             rows += [index[batch["name"][i]] for i in keep]
             depths.append(out.canon_depth[:len(keep)].numpy())
-    return np.concatenate(depths), truth["canonical_depth"][rows].astype(np.float32)
+            views.append(out.view.numpy())
+    return (np.concatenate(depths), truth["canonical_depth"][rows].astype(np.float32), np.concatenate(views),
+            truth["view"][rows])
 
 
 def explained_share(departures: np.ndarray, basis: np.ndarray) -> tuple[float, np.ndarray]:
@@ -130,7 +133,7 @@ def main() -> None:
     parser.add_argument("--swap", action="store_true", help="also the swapped-departure losses (module docstring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pred, true = canonical_depths(args.checkpoint, args.data, args.split)
+    pred, true, view, true_view = canonical_depths(args.checkpoint, args.data, args.split)
     region = _erode((true < FAR_DEPTH).mean(0) >= COMMON_REGION_SHARE, 1)
     p, t = _departures(pred, true, region)
     print(f"{len(p)} images, {region.sum()} region pixels")
@@ -159,6 +162,17 @@ def main() -> None:
         shift, _ = explained_share(departures, np.stack([gx[region], gy[region]], 1))
         tilt, _ = explained_share(departures, tilts)
         print(f"{name}: share of departure variance from a shifted mean map {shift:.3f}, from a planar tilt {tilt:.3f}")
+    # Pose traded against the canonical frame: a pitch the view net leaves out shows in the canonical
+    # depth as a vertical shift and tilt (the pivot is behind the face).
+    gy, gx = np.gradient(pred.mean(0))
+    frame = np.stack([gx[region], gy[region], cols[region], rows[region]], 1).astype(np.float64)
+    frame -= frame.mean(0)
+    coef = np.linalg.lstsq(frame, p.T, rcond=None)[0].T  # per image: shift x, shift y, tilt x, tilt y
+    for k, angle in ((0, "pitch"), (1, "yaw")):
+        error = view[:, k] - true_view[:, k]
+        print(f"{angle}: predicted spread {view[:, k].std() / true_view[:, k].std():.2f}x the truth's, r "
+              f"{pearson(view[:, k], true_view[:, k]):.3f}; its error vs the departures' shift x, shift y, tilt x, "
+              "tilt y: " + ", ".join(f"{pearson(error, coef[:, j]):+.2f}" for j in range(4)))
     if args.swap:
         swapped_departure_losses(args.checkpoint, args.data, args.split)
 
