@@ -62,8 +62,9 @@ def explained_share(departures: np.ndarray, basis: np.ndarray) -> tuple[float, n
     return 1 - residual.var() / departures.T.var(), residual.T
 
 
-def swapped_departure_losses(checkpoint: str, data: str, split: str) -> None:
-    """The photometric losses of the model's renders with each canonical depth's departure swapped (--swap)."""
+def swapped_departure_losses(checkpoint: str, data: str, split: str, region: np.ndarray) -> None:
+    """The photometric losses of the model's renders with each canonical depth's departure swapped (--swap);
+    region: main()'s common face region."""
     model, config, _ = load_model(checkpoint, torch.device("cpu"))
     model.eval()
     truth = read_truth(data, split)
@@ -74,18 +75,12 @@ def swapped_departure_losses(checkpoint: str, data: str, split: str) -> None:
         images.append(batch["image"][keep])
         rows += [index[batch["name"][i]] for i in keep]
     image = torch.cat(images)
-    true = torch.from_numpy(truth["canonical_depth"][rows].astype(np.float32))
-    region = torch.from_numpy(_erode(((true < FAR_DEPTH).float().mean(0) >= COMMON_REGION_SHARE).numpy(), 1))
+    true = truth["canonical_depth"][rows].astype(np.float32)
     own_depth = model.canonical_depth
     with torch.no_grad():
         own = own_depth(model.depth_net(image)[:, 0].float())
-
-    def departures(depth: torch.Tensor) -> torch.Tensor:
-        inside = depth[:, region]
-        inside = inside - inside.mean(1, keepdim=True)
-        return inside - inside.mean(0, keepdim=True)
-
-    predicted, actual = departures(own), departures(true)
+    predicted, actual = (torch.from_numpy(d).float() for d in _departures(own.numpy(), true, region))
+    region = torch.from_numpy(region)
 
     def with_departures(dep: torch.Tensor) -> torch.Tensor:
         depth = own.clone()
@@ -174,7 +169,7 @@ def main() -> None:
               f"{pearson(view[:, k], true_view[:, k]):.3f}; its error vs the departures' shift x, shift y, tilt x, "
               "tilt y: " + ", ".join(f"{pearson(error, coef[:, j]):+.2f}" for j in range(4)))
     if args.swap:
-        swapped_departure_losses(args.checkpoint, args.data, args.split)
+        swapped_departure_losses(args.checkpoint, args.data, args.split, region)
 
 
 if __name__ == "__main__":
