@@ -100,7 +100,14 @@ def _score_all(todo, data, split, cache) -> list[dict]:
     return rows
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> None:
+def batch_size(run: Path) -> int:
+    """The run's global batch (data.batch_size of its saved config), for curves against images seen."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    return int(config["data"]["batch_size"])
+
+
+def plot(runs: dict[str, list[dict]], path: Path, images_per_step: dict[str, int] | None = None) -> None:
+    """One panel per measure; x is the step, or the images seen when images_per_step gives each run's batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +118,8 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
         for name, rows in runs.items():
             if len(rows) > 2 and rows[1]["step"] > 2 * (rows[2]["step"] - rows[1]["step"]):
                 rows = rows[1:]  # a branch of another run's checkpoint: its untrained point is not on its curve
-            steps = [r["step"] for r in rows]
+            scale = images_per_step[name] if images_per_step else 1
+            steps = [r["step"] * scale for r in rows]
             values = [r.get(f"model/{key}" if is_metric else key, float("nan")) for r in rows]
             ax.plot(steps, values, marker="o", markersize=3, label=name)
         if is_metric:
@@ -122,7 +130,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
             ax.axhline(0.0, color="gray", linewidth=0.5)
             ax.set_ylim(-0.7, 1.0)  # a negative correlation (the hollow-face solution) must show
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("images seen" if images_per_step else "step")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
@@ -136,12 +144,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="synface-layout folder with <split>/truth.npz")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="folder for the per-run JSONL caches and the figure")
+    parser.add_argument("--x", choices=("step", "images"), default="step",
+                        help="the curves' x axis: training steps, or images seen (steps x each run's data.batch_size), "
+                             "to compare runs of different batch sizes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {Path(r).name: score_run(Path(r), args.data, args.split, out) for r in args.runs}
-    plot(runs, out / "learning_study.png")
+    images = {Path(r).name: batch_size(Path(r)) for r in args.runs} if args.x == "images" else None
+    plot(runs, out / "learning_study.png", images)
     print(f"wrote {out / 'learning_study.png'}")
     return 0
 
