@@ -12,7 +12,9 @@ prediction is compared the same way, times one learned gain (the model's depth r
 the loss is the mean squared difference over the image's face pixels. Horizontal flips of image and
 depth double the data, as the flip symmetry does for the real model.
 
-    python benchmarks/supervised_depth_bound.py --data data/faces --config configs/default.yaml --epochs 30
+    python benchmarks/supervised_depth_bound.py --data data/faces --config configs/default.yaml --epochs 30 \
+        --out bound-w32.jsonl
+    python benchmarks/supervised_depth_bound.py --plot bound.png bound-w16.jsonl bound-w32.jsonl
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,9 +65,36 @@ def test_r(model: Unsup3D, images: torch.Tensor, canon: torch.Tensor) -> dict:
     return depth_departure_correlation(pred.numpy(), canon.numpy(), canon.numpy() < FAR_DEPTH)
 
 
+def plot(png: str, results: list[str]) -> None:
+    """Test r (whole face region and interior) against training images seen, one line per results file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for path in results:
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        for ax, key in zip(axes, ("depth_departure", "depth_departure_interior")):
+            ax.plot([r["epoch"] * r["train_faces"] for r in rows], [r[key] for r in rows], marker="o", markersize=3, label=Path(path).stem)
+    for ax, title in zip(axes, ("per-image depth departure r (test)", "the same, interior only")):
+        ax.set_title(title)
+        ax.set_xlabel("training images seen (random flips)")
+        ax.set_ylim(-0.1, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="faces folder with train/ and test/ truth.npz")
+    parser.add_argument("--plot", metavar="PNG", help="draw the curves of the results files given as arguments, train nothing")
+    parser.add_argument("results", nargs="*", help="with --plot: results files written by --out")
+    parser.add_argument("--data", help="faces folder with train/ and test/ truth.npz")
+    parser.add_argument("--train-data", help="take the train split from this faces folder instead (e.g. more faces "
+                                             "from another seed); the test split stays --data's")
     parser.add_argument("--config", default="configs/default.yaml", help="config whose model section gives the depth net")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, as unsup3d train")
     parser.add_argument("--epochs", type=int, default=30)
@@ -74,6 +104,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the per-epoch results here (jsonl)")
     args = parser.parse_args()
+    if args.plot:
+        if not args.results:
+            parser.error("--plot needs the results files (written by --out) as arguments")
+        plot(args.plot, args.results)
+        return
+    if not args.data:
+        parser.error("--data is required to train")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -85,7 +122,7 @@ def main() -> None:
         overrides[key] = yaml.safe_load(value)
     config = load_yaml_config(RunConfig, args.config, overrides)
     model = Unsup3D(config.model)
-    train_images, train_canon = load_split(args.data, "train", config.model.image_size)
+    train_images, train_canon = load_split(args.train_data or args.data, "train", config.model.image_size)
     test_images, test_canon = load_split(args.data, "test", config.model.image_size)
     face = (train_canon < FAR_DEPTH).float()
     target = centred(train_canon, face)
@@ -93,8 +130,10 @@ def main() -> None:
     gain = torch.nn.Parameter(torch.tensor(10.0))
     optimizer = torch.optim.Adam(list(model.depth_net.parameters()) + [gain], lr=args.lr)
     out = open(args.out, "w") if args.out else None
-    first = {"epoch": 0, **test_r(model, test_images, test_canon)}
+    first = {"epoch": 0, "train_faces": len(train_images), **test_r(model, test_images, test_canon)}
     print(json.dumps(first), flush=True)
+    if out:
+        out.write(json.dumps(first) + "\n")
     generator = torch.Generator().manual_seed(args.seed)
     start = time.time()
     for epoch in range(1, args.epochs + 1):
@@ -113,7 +152,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        row = {"epoch": epoch, "train_loss": total / len(order), "seconds": round(time.time() - start, 1),
+        row = {"epoch": epoch, "train_faces": len(train_images), "train_loss": total / len(order), "seconds": round(time.time() - start, 1),
                **test_r(model, test_images, test_canon)}
         print(json.dumps(row), flush=True)
         if out:

@@ -34,7 +34,7 @@ def folder_loader_config(config, entry) -> LoaderConfig:
     return LoaderConfig(
         shards=entry.path, batch_size=config.data.batch_size, image_size=size,
         seed=config.train.seed, hflip_probability=config.data.hflip_probability,
-        max_image_pixels=config.data.max_image_pixels,
+        max_image_pixels=config.data.max_image_pixels, on_dataset_change=config.data.on_dataset_change,
         # Local files of a few MB: one reader thread keeps up, and DALI's CPU pool of one thread decodes a
         # batch of small images in milliseconds; more threads only compete with training for the cores.
         num_workers=1, dali_threads=1, prefetch_batches=4,

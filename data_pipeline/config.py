@@ -17,6 +17,7 @@ from trainer.config_loading import ConfigValueError, check_float
 DAMAGED_SHARD_POLICIES = ("salvage", "skip")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 WORLD_SIZE_CHANGE_POLICIES = ("error", "restart_epoch")
+DATASET_CHANGE_POLICIES = ("error", "restart_epoch")
 
 
 @dataclass
@@ -165,6 +166,10 @@ class LoaderConfig:
     """Images with more pixels are skipped (too_large) instead of decoded."""
     on_world_size_change: str = "error"
     """A checkpoint from another world size: error, or restart_epoch (from its start, warning)."""
+    on_dataset_change: str = "error"
+    """A checkpoint whose data state was saved over other shards (a grown or replaced dataset): error, or
+    restart_epoch: the new shards from the start of the saved epoch, with a warning naming both datasets
+    (to continue a trained model on more or other data, keeping its step, optimizer and schedule)."""
     keep_in_memory: bool = False
     """Keep every shard read (checked) and every sample decoded (uint8, at image_size) in memory, so that
     later epochs only shuffle, flip and convert: for datasets that fit (the local cache of a data folder
@@ -192,3 +197,6 @@ class LoaderConfig:
         if self.on_world_size_change not in WORLD_SIZE_CHANGE_POLICIES:
             raise ConfigValueError("on_world_size_change", self.on_world_size_change,
                           f"must be one of {', '.join(WORLD_SIZE_CHANGE_POLICIES)}")
+        if self.on_dataset_change not in DATASET_CHANGE_POLICIES:
+            raise ConfigValueError("on_dataset_change", self.on_dataset_change,
+                                   f"must be one of {', '.join(DATASET_CHANGE_POLICIES)}")

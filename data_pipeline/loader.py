@@ -179,13 +179,19 @@ class TrainLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
         for name, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("dataset", self._dataset_id)):
-            if state[name] != mine:
+            if state[name] != mine and not (name == "dataset" and self.config.on_dataset_change == "restart_epoch"):
+                hint = " (set on_dataset_change: restart_epoch to go on over these shards)" if name == "dataset" else ""
                 raise ValueError(f"data state was saved with {name}={state[name]!r}, this loader has {mine!r}: "
-                                 "the resumed run could not see the same samples")
+                                 f"the resumed run could not see the same samples{hint}")
         self._stop_producer()
         position = Position(int(state["epoch"]), int(state["cursor"]), int(state["offset"]))
         counters = V.Counters.from_dict(state.get("counters", {}))
-        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+        if state["dataset"] != self._dataset_id:
+            log.warning("data state was saved over dataset %s, these shards are dataset %s (%s): epoch %d starts "
+                        "over them from its start (on_dataset_change=restart_epoch)",
+                        state["dataset"], self._dataset_id, self.config.shards, position.epoch)
+            position, counters = Position(position.epoch, 0, 0), V.Counters()
+        elif (state["world_size"], state["rank"]) != (self.world_size, self.rank):
             message = (f"data state is from rank {state['rank']} of {state['world_size']}, this is rank {self.rank} "
                        f"of {self.world_size}")
             if self.config.on_world_size_change == "error":

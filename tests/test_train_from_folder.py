@@ -82,3 +82,43 @@ def test_a_folder_with_fewer_usable_images_than_a_batch_is_refused_with_the_coun
     assert "holds 3 usable images, fewer than one batch of" in err and "(data.batch_size)" in err
     assert "train/image/zz_bad_image.png" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_resume_over_a_changed_folder_is_refused_unless_asked_then_goes_on_from_the_epochs_start(
+        synthetic_root, tmp_path, capsys, caplog, monkeypatch):
+    """Continuing a trained model on more faces: the saved data state names other shards, so a plain
+    resume must refuse (it could not replay the same samples) and data.on_dataset_change: restart_epoch
+    must go on with the model, optimizer and step over the grown folder, from the saved epoch's start."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(synthetic_root / split, root / split)
+
+    def run(steps, **data):
+        config = fast_config(root, tmp_path / "run", max_steps=steps, log_every=1)
+        for key, value in data.items():
+            setattr(config.data, key, value)
+        path = tmp_path / "run.yaml"
+        path.write_text(dump_config(config))
+        return cli_main(["train", "--no-ray", "--config", str(path)])
+
+    assert run(3) == 0
+    before = load_checkpoint(tmp_path / "run" / "checkpoints")
+    for kind in ("image", "depth"):  # the folder grows by four images
+        for name in sorted((root / "train" / kind).iterdir())[:4]:
+            shutil.copy(name, root / "train" / kind / f"more_{name.name}")
+    capsys.readouterr()
+    assert run(5) != 0
+    assert "on_dataset_change: restart_epoch" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / "checkpoints")["step"] == 3  # nothing trained, nothing written
+
+    caplog.set_level(logging.WARNING, logger="data_pipeline.loader")
+    assert run(5, on_dataset_change="restart_epoch") == 0
+    after = load_checkpoint(tmp_path / "run" / "checkpoints")
+    entries = sorted((root / CACHE_FOLDER).iterdir(), key=lambda p: p.stat().st_mtime)
+    assert after["step"] == 5 and after["data"]["dataset"] == stream_dataset_id(entries[-1]) != before["data"]["dataset"]
+    assert after["data"]["epoch"] == before["data"]["epoch"]
+    # two batches into the new epoch (the counters restart with it)
+    assert after["data"]["counters"]["delivered"] == 2 * fast_config(root, tmp_path).data.batch_size
+    assert f"saved over dataset {before['data']['dataset']}" in caplog.text and "on_dataset_change=restart_epoch" in caplog.text
+    capsys.readouterr()

@@ -104,9 +104,14 @@ class DataConfig:
     min_image_size: int | None = None
     """Images whose shorter side is below this are skipped and counted, never upscaled from a few pixels;
     None: half of model.image_size."""
+    on_dataset_change: str = "error"
+    """Resuming a checkpoint whose data state was saved over other images (root's split grew or was
+    replaced): error, or restart_epoch to go on with the model, optimizer and step over the new images
+    from the start of the saved epoch (a warning names both datasets)."""
 
     def __post_init__(self):
         check_name(self, "root")
+        check_choice(self, "on_dataset_change", ("error", "restart_epoch"))
         check_name(self, "split")
         check_int(self, "batch_size", 1, 1 << 16)
         check_float(self, "hflip_probability", 0.0, 1.0)

@@ -124,6 +124,25 @@ def test_state_dict_format_and_mismatches(shards):
         other.load_state_dict(state)
 
 
+def test_a_state_from_other_shards_is_refused_or_restarts_the_epoch_over_the_new_ones(shards, tmp_path):
+    grown = prepared_synface(tmp_path, count=11, per_shard=4, size=16, seed=1)
+    with loader(shards, 0, 1) as it:
+        while it.epoch < 1:
+            for _ in it:
+                pass
+        next(iter(it))  # into epoch 1
+        state = it.state_dict()
+    with loader(grown, 0, 1) as other, pytest.raises(ValueError, match="on_dataset_change: restart_epoch"):
+        other.load_state_dict(state)
+    with loader(grown, 0, 1, on_dataset_change="restart_epoch") as other:
+        other.load_state_dict(state)
+        assert (other.epoch, other.position.cursor, other.position.offset) == (1, 0, 0)
+        keys = [key for batch in other for key in batch["key"]]
+        assert len(keys) == len(set(keys)) == 11 and other.last_epoch_report["difference"] == 0
+    with pytest.raises(ValueError, match="on_dataset_change"):
+        LoaderConfig(shards=str(grown), on_dataset_change="ignore")
+
+
 def test_flip_decisions_are_seeded_and_balanced():
     flips = [flip_decision(0, 0, f"k{i}", 0.5) for i in range(2000)]
     assert 900 < sum(flips) < 1100
