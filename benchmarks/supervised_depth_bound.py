@@ -14,7 +14,8 @@ depth double the data, as the flip symmetry does for the real model.
 
     python benchmarks/supervised_depth_bound.py --data data/faces --config configs/default.yaml --epochs 30 \
         --out bound-w32.jsonl
-    python benchmarks/supervised_depth_bound.py --plot bound.png bound-w16.jsonl bound-w32.jsonl
+    python benchmarks/supervised_depth_bound.py --plot bound.png bound-w16.jsonl bound-w32.jsonl \
+        --mark "unsupervised, best:0.21:0.12"
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def test_r(model: Unsup3D, images: torch.Tensor, canon: torch.Tensor) -> dict:
     return depth_departure_correlation(pred.numpy(), canon.numpy(), canon.numpy() < FAR_DEPTH)
 
 
-def plot(png: str, results: list[str]) -> None:
-    """Test r (whole face region and interior) against training images seen, one line per results file."""
+def plot(png: str, results: list[str], marks: list[str] = ()) -> None:
+    """Test r (whole face region and interior) against training images seen, one line per results file;
+    each mark "LABEL:R:R_INTERIOR" (e.g. an unsupervised checkpoint's probe) as a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +79,11 @@ def plot(png: str, results: list[str]) -> None:
         rows = [json.loads(line) for line in open(path) if line.strip()]
         for ax, key in zip(axes, ("depth_departure", "depth_departure_interior")):
             ax.plot([r["epoch"] * r["train_faces"] for r in rows], [r[key] for r in rows], marker="o", markersize=3, label=Path(path).stem)
+    for mark in marks:
+        label, whole, interior = mark.rsplit(":", 2)
+        for ax, value in zip(axes, (float(whole), float(interior))):
+            ax.axhline(value, color="k", linestyle="--", linewidth=1)
+            ax.annotate(label, (0, value), xytext=(2, 3), textcoords="offset points", fontsize=8)
     for ax, title in zip(axes, ("per-image depth departure r (test)", "the same, interior only")):
         ax.set_title(title)
         ax.set_xlabel("training images seen (random flips)")
@@ -92,6 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot", metavar="PNG", help="draw the curves of the results files given as arguments, train nothing")
     parser.add_argument("results", nargs="*", help="with --plot: results files written by --out")
+    parser.add_argument("--mark", action="append", default=[], metavar="LABEL:R:R_INTERIOR",
+                        help="with --plot: a horizontal reference line in each panel (e.g. an unsupervised run's r)")
     parser.add_argument("--data", help="faces folder with train/ and test/ truth.npz")
     parser.add_argument("--train-data", help="take the train split from this faces folder instead (e.g. more faces "
                                              "from another seed); the test split stays --data's")
@@ -107,7 +116,7 @@ def main() -> None:
     if args.plot:
         if not args.results:
             parser.error("--plot needs the results files (written by --out) as arguments")
-        plot(args.plot, args.results)
+        plot(args.plot, args.results, args.mark)
         return
     if not args.data:
         parser.error("--data is required to train")
