@@ -112,6 +112,7 @@ def plot(runs: dict[str, list[dict]], path: Path, images_per_step: dict[str, int
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for ax, (key, title, is_metric) in zip(axes.ravel(), PANELS):
@@ -131,6 +132,8 @@ def plot(runs: dict[str, list[dict]], path: Path, images_per_step: dict[str, int
             ax.set_ylim(-0.7, 1.0)  # a negative correlation (the hollow-face solution) must show
         ax.set_title(title)
         ax.set_xlabel("images seen" if images_per_step else "step")
+        if images_per_step:
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
