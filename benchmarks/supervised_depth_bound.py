@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import yaml
-
+from cluster.cli import parse_settings
 from trainer.config import RunConfig
 from trainer.config_loading import load_yaml_config
 from trainer.data.face_generator import read_truth
@@ -59,7 +58,7 @@ def centred(depth: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_r(model: Unsup3D, images: torch.Tensor, canon: torch.Tensor) -> dict:
+def score_test_split(model: Unsup3D, images: torch.Tensor, canon: torch.Tensor) -> dict:
     model.eval()
     pred = torch.cat([model.canonical_depth(model.depth_net(images[i:i + 100])[:, 0]) for i in range(0, len(images), 100)])
     model.train()
@@ -106,11 +105,11 @@ def main() -> None:
                                              "from another seed); the test split stays --data's")
     parser.add_argument("--config", default="configs/default.yaml", help="config whose model section gives the depth net")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, as unsup3d train")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training faces")
+    parser.add_argument("--batch", type=int, default=32, help="faces per Adam step")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Adam's learning rate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, order and flips")
     parser.add_argument("--out", help="write the per-epoch results here (jsonl)")
     args = parser.parse_args()
     if args.plot:
@@ -123,13 +122,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    config = load_yaml_config(RunConfig, args.config, overrides)
+    config = load_yaml_config(RunConfig, args.config, parse_settings(args.set))
     model = Unsup3D(config.model)
     train_images, train_canon = load_split(args.train_data or args.data, "train", config.model.image_size)
     test_images, test_canon = load_split(args.data, "test", config.model.image_size)
@@ -139,7 +132,7 @@ def main() -> None:
     gain = torch.nn.Parameter(torch.tensor(10.0))
     optimizer = torch.optim.Adam(list(model.depth_net.parameters()) + [gain], lr=args.lr)
     out = open(args.out, "w") if args.out else None
-    first = {"epoch": 0, "train_faces": len(train_images), **test_r(model, test_images, test_canon)}
+    first = {"epoch": 0, "train_faces": len(train_images), **score_test_split(model, test_images, test_canon)}
     print(json.dumps(first), flush=True)
     if out:
         out.write(json.dumps(first) + "\n")
@@ -161,8 +154,8 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        row = {"epoch": epoch, "train_faces": len(train_images), "train_loss": total / len(order), "seconds": round(time.time() - start, 1),
-               **test_r(model, test_images, test_canon)}
+        row = {"epoch": epoch, "train_faces": len(train_images), "train_loss": total / len(order),
+               "seconds": round(time.time() - start, 1), **score_test_split(model, test_images, test_canon)}
         print(json.dumps(row), flush=True)
         if out:
             out.write(json.dumps(row) + "\n")

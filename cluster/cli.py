@@ -69,7 +69,7 @@ def _train_here(config) -> dict:
     return {"steps": result.steps, "checkpoint": result.checkpoint, "losses": result.last_losses}
 
 
-def _parse_settings(settings: list[str]) -> dict:
+def parse_settings(settings: list[str]) -> dict:
     """--set KEY=VALUE (repeatable): any key of the run config, the value read as YAML (`--set
     data.batch_size=8`, `--set train.eval_every=null`); checked like the file's own keys."""
     import yaml
@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Command-line overrides go into the file's data, so they are checked (and named) like its keys.
     overrides = {key: value for key, value in (("train.out_dir", args.out_dir), ("train.max_steps", args.max_steps),
                                                ("category", args.category)) if value is not None}
-    overrides.update(_parse_settings(args.set or []))
+    overrides.update(parse_settings(args.set or []))
     config = load_job_config(args.config, overrides)
     if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
         check_sources(config, args.config)
