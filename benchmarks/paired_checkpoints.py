@@ -20,30 +20,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data.face_generator import read_truth  # noqa: E402
-from trainer.data.synface import FAR_DEPTH, SynfaceFolder  # noqa: E402
-from trainer.results.evaluate import evaluate_detailed, load_model  # noqa: E402
+from benchmarks.depth_departure_diagnostic import canonical_depths  # noqa: E402
+from trainer.data.synface import FAR_DEPTH  # noqa: E402
+from trainer.results.evaluate import evaluate_detailed  # noqa: E402
 from trainer.results.truth_probe import COMMON_REGION_SHARE, _departures, _erode, pearson  # noqa: E402
 
 
-def per_image(checkpoint: str, data: str, split: str) -> tuple[dict, dict]:
-    """({image name: MAD exact}, {image name: depth departure r}) of one checkpoint."""
+def per_image(checkpoint: str, data: str, split: str) -> tuple[dict, np.ndarray]:
+    """({image name: MAD exact}, every image's depth departure r in the split's name order) of one checkpoint."""
     _, values, _ = evaluate_detailed(checkpoint, data, split, 64, "cpu", "raise", worst=0)
     mad = dict(zip(values.names, values.values["model"]["mad_deg_exact"]))
-    model, config, _ = load_model(checkpoint, torch.device("cpu"))
-    model.eval()
-    truth = read_truth(data, split)
-    index = {str(n): i for i, n in enumerate(truth["names"])}
-    names, depths = [], []
-    with torch.no_grad():
-        for batch in SynfaceFolder(data, split, image_size=config.image_size, on_error="raise").batches(64):
-            names += batch["name"]
-            depths.append(model.decompose(batch["image"]).canon_depth[:len(batch["name"])].numpy())
-    pred = np.concatenate(depths)
-    true = truth["canonical_depth"][[index[n] for n in names]].astype(np.float32)
+    pred, true, _, _ = canonical_depths(checkpoint, data, split)
     region = _erode((true < FAR_DEPTH).mean(0) >= COMMON_REGION_SHARE, 1)
     p, t = _departures(pred, true, region)
-    return mad, {n: pearson(p[i], t[i]) for i, n in enumerate(names)}
+    return mad, np.array([pearson(p[i], t[i]) for i in range(len(p))])
 
 
 def main() -> None:
@@ -57,14 +47,16 @@ def main() -> None:
     torch.set_num_threads(1)
     a, b = per_image(args.a, args.data, args.split), per_image(args.b, args.data, args.split)
     rng = np.random.default_rng(0)
-    for k, (name, lower_is_better) in enumerate((("MAD exact", True), ("depth departure r", False))):
-        keys = sorted(set(a[k]) & set(b[k]))
-        diff = np.array([b[k][n] - a[k][n] for n in keys])
+    names = sorted(set(a[0]) & set(b[0]))
+    pairs = (("MAD exact", True, np.array([a[0][n] for n in names]), np.array([b[0][n] for n in names])),
+             ("depth departure r", False, a[1], b[1]))  # same split, same order for both checkpoints
+    for name, lower_is_better, va, vb in pairs:
+        diff = vb - va
         boots = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(args.resamples)]
         better = np.mean(diff < 0) if lower_is_better else np.mean(diff > 0)
-        print(f"{name}: A {np.mean([a[k][n] for n in keys]):.3f}  B {np.mean([b[k][n] for n in keys]):.3f}  "
+        print(f"{name}: A {va.mean():.3f}  B {vb.mean():.3f}  "
               f"B-A {diff.mean():+.3f} [{np.percentile(boots, 2.5):+.3f}, {np.percentile(boots, 97.5):+.3f}]  "
-              f"B better on {better:.0%} of {len(keys)} images")
+              f"B better on {better:.0%} of {len(diff)} images")
 
 
 if __name__ == "__main__":
