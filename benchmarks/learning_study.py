@@ -36,8 +36,10 @@ PANELS = (
     ("mad_deg_exact", "MAD, exact normals (deg)", True),
     ("yaw", "yaw correlation", False),
     ("pitch", "pitch correlation", False),
+    ("roll", "roll correlation", False),
     ("light_x", "light x correlation", False),
     ("depth_departure", "per-image depth correlation", False),
+    ("depth_departure_interior", "per-image depth, interior only", False),
 )
 
 
@@ -104,7 +106,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for ax, (key, title, is_metric) in zip(axes.ravel(), PANELS):
         for name, rows in runs.items():
             steps = [r["step"] for r in rows]

@@ -47,10 +47,11 @@ def check_sources(config: JobConfig, path: str | Path) -> None:
             require((Path(shards) / "manifest.json").is_file(), f"{path}: stream.shards", shards,
                     "must be a folder written by `unsup3d prepare` (holding manifest.json), or s3://bucket/prefix")
     elif data.generate_if_missing is None:
-        split_dir = Path(data.root) / data.split
-        require((split_dir / "image").is_dir(), f"{path}: data.root", data.root,
+        from data_pipeline.folder_cache import holds_training_images
+
+        require(holds_training_images(data.root, data.split), f"{path}: data.root", data.root,
                 f"must be a folder holding {data.split}/image/*_image.png (the synface layout; data.split is "
-                f"{data.split!r}), or set data.generate_if_missing or a stream: section")
+                f"{data.split!r}) or plain images, or set data.generate_if_missing or a stream: section")
     out_dir = config.train.out_dir
     if "://" not in out_dir:  # a folder, or a path whose first existing parent is a folder we may write in
         existing = Path(out_dir).absolute()

@@ -15,8 +15,9 @@ lock and its drivers may sit on different machines, so the driver (cluster/ray_t
   response that read it), so clock skew between hosts does not matter. A lease of a process on this
   host that no longer exists is taken over at once, without waiting for it to expire.
 - Lost: when a renewal finds the lease replaced, or cannot renew it before it expires, this run no
-  longer owns the prefix. The heartbeat logs it and interrupts the driver's main thread; the driver
-  stops its run and reports the loss in one line (RunLockedError).
+  longer owns the prefix. The heartbeat logs it and interrupts the driver's main thread (SIGINT: Ray
+  Train's fit() handles it by aborting the run); the driver reports the loss in one line
+  (RunLockedError).
 - Released (deleted) when the run ends, if it is still ours.
 
 The ttl is UNSUP3D_LEASE_TTL_S (default 60 s): a killed driver's prefix is free again after at most
@@ -255,7 +256,9 @@ class S3Lease:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.release()
-        if self.lost is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
+        # However the interrupt ended the run (KeyboardInterrupt; under Ray Train, whose fit() installs its
+        # own SIGINT handler, a graceful abort or the error it raises), the lost lease is the reason to report.
+        if self.lost is not None and (kind is None or not issubclass(kind, RunLockedError)):
             raise RunLockedError(f"{self.url}: {self.lost}; this run stopped") from error
 
 

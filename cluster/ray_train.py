@@ -3,7 +3,8 @@
 Who does what:
 - Ray Train starts the workers, sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and creates the
   torch process group (gloo on CPU, NCCL on GPU); trainer.loop.process_group.init_process_group reuses it.
-- Each worker builds its own data source (the folder, or its part of the shard stream) and calls
+- Each worker builds its own data source (its part of the shard stream: data.root's local cache of
+  shards or a stream: section's, cluster/data_source.py) and calls
   trainer.loop.train.train, which resumes by itself from <train.out_dir>/checkpoints/latest.
 - Fault tolerance: FailureConfig(max_failures) makes Ray Train tear the whole worker group down when a
   worker dies and start a new one; the new workers resume from our own latest checkpoint. Our
@@ -45,9 +46,10 @@ def loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, console=None) -> str:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray on 127.0.0.1.
-    Returns how it connected ("existing", "cluster" or "local")."""
+    Returns how it connected ("existing", "cluster" or "local"). `console`: for an embedded Ray, a
+    cluster.console.EmbeddedRayConsole that keeps Ray's and DeepSpeed's own lines off the console."""
     import ray
 
     if ray.is_initialized():
@@ -64,8 +66,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     # Rays on one machine the cleaner cannot tell which to ask and its thread exits with one
     # traceback; training is unaffected.)
     loopback_only()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+    if console is not None:
+        console.before_init()
+    # address="local": a new instance of our own. Without an address ray.init joins the latest cluster
+    # anyone started on this machine (/tmp/ray/ray_current_cluster): another user's, or a test's.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              num_cpus=num_cpus, log_to_driver=True)
+    if console is not None:
+        console.after_init()
     return "local"
 
 
@@ -73,8 +81,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
 class Resources:
     workers: int = 1
     cpus_per_worker: float = 1.0
+    """Ray CPUs per worker; the worker trains with this many torch threads (at least one)."""
     gpus_per_worker: float = 0.0
     max_failures: int = 3
+
+
+def local_cpus_per_worker(workers: int) -> float:
+    """The embedded Ray's share of this machine per worker: every core, split evenly. One worker with
+    every core against one worker per core: BENCHMARKS.md, "Embedded Ray uses every core"."""
+    return float(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def _uses_working_dir() -> bool:
@@ -125,6 +140,7 @@ def _train_and_digest(config, data, after_save=None):
         result = trainer.run()
         return result, parameter_digest(trainer.engine.module)
     finally:
+        trainer.close()  # closes the batch source it built
         trainer.engine.engine.destroy()
 
 
@@ -153,8 +169,6 @@ def train_worker(payload: dict) -> None:
     import ray.train
 
     from cluster.storage import staged_out_dir
-    from trainer.loop.process_group import init_process_group
-    from trainer.loop.device import resolve_device
 
     config = copy.deepcopy(payload["config"])
     context = ray.train.get_context()
@@ -162,24 +176,23 @@ def train_worker(payload: dict) -> None:
     # Labels for metrics and logs (read by monitoring through the environment; the trainer knows no Ray).
     os.environ["UNSUP3D_RUN"] = payload["run"]
     os.environ["UNSUP3D_CATEGORY"] = config.category
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{payload['run']} rank {rank}] "
-                        "%(name)s: %(message)s", datefmt="%H:%M:%S")
+    from cluster.console import configure_worker_logging
+
+    configure_worker_logging(payload["run"], rank)
+    # Ray gives a worker as many threads as its CPUs only sometimes (OMP_NUM_THREADS is 1 for fractional
+    # or unset CPUs): set them from what the worker asked for.
+    threads = max(1, int(payload.get("threads", 1)))
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger(__name__).info("rank %d trains with %d torch thread(s)", rank, threads)
     node_id = ray.get_runtime_context().get_node_id()  # s3:// outputs are staged per node: no shared filesystem
     with staged_out_dir(config, rank, node_id) as (out_dir, after_save):
         config.train.out_dir = out_dir
         _write_worker_file(out_dir, rank, payload["run"])
-        data = None
-        if getattr(config, "stream", None) is not None:
-            from cluster.streaming import StreamingBatches
+        from cluster.data_source import batch_source
 
-            group = init_process_group(resolve_device(config.train.device).type)
-            data = StreamingBatches(config.stream, rank=group.rank, world_size=group.world_size,
-                                    device=resolve_device(config.train.device, group.local_rank))
-        try:
-            result, digest = _train_and_digest(config, data, after_save)
-        finally:
-            if data is not None:
-                data.close()
+        result, digest = _train_and_digest(config, batch_source(config), after_save)
         _write_worker_file(out_dir, rank, payload["run"], {"finished_step": result.steps, "param_sha256": digest})
     metrics = {"step": result.steps, "checkpoint": result.checkpoint or "",
                "images_per_second": result.images_per_second}
@@ -216,7 +229,7 @@ def run_training(config, resources: Resources, run_name: str | None = None, addr
         preflight(config, resources.workers)
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": config, "run": run},
+            train_loop_config={"config": config, "run": run, "threads": resources.cpus_per_worker},
             torch_config=torch_config(use_gpu),  # one worker: no rendezvous port (ray_process_group.py)
             scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),

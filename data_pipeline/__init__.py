@@ -1,6 +1,8 @@
 """Sharded data for Unsup3D: `prepare` writes tar shards + DALI index files + a manifest (local or S3);
 `TrainLoader` streams this rank's shards with webdataset, validates every sample, decodes and augments
-with DALI and yields batches of tensors, with a resumable position. No model or DeepSpeed imports here.
+with DALI (with PIL where DALI is not installed) and yields batches of tensors, with a resumable position;
+`folder_cache.prepared_folder` makes and reuses the shards of a local data folder, so a run that trains
+from a folder streams them like any other. No model or DeepSpeed imports here.
 
     from data_pipeline import LoaderConfig, TrainLoader
     loader = TrainLoader(LoaderConfig(shards="s3://bucket/faces/train"), rank=r, world_size=n, device=device)

@@ -4,6 +4,8 @@ One pipeline definition serves both machines: decoders.image runs on "mixed" (nv
 training on a CUDA device and on "cpu" otherwise; every later op follows the image's device.
   image:  decode RGB -> resize shorter side to S (antialiased) -> centre crop S x S, mirror, to [-1, 1], CHW
   depth:  uint8 channel 0 -> the same resize, crop and mirror -> d = 1.1 - 0.2 * byte / 255 (SPEC 6)
+  raw (TrainLoader.keep_in_memory): decode -> resize -> crop only, on the CPU, uint8 HWC out; the loader
+          keeps these bytes and flips and scales each batch itself.
 The flip of each sample is decided by the caller (from seed, epoch and key) and fed in, so a resumed
 run flips exactly as the uninterrupted one, whatever the world size.
 
@@ -63,7 +65,12 @@ class DaliDecoder:
     """Decodes batches of validated samples into {"image": [B,3,S,S], "depth": [B,S,S]} on `device`."""
 
     def __init__(self, image_size: int, max_batch_size: int, with_depth: bool, device: torch.device | str = "cpu",
-                 decode_device: str = "auto", num_threads: int = 2, seed: int = 0):
+                 decode_device: str = "auto", num_threads: int = 2, seed: int = 0, raw: bool = False):
+        """`raw`: decode, resize and crop only, on the CPU: uint8 images [B,S,S,3] and depth bytes [B,S,S],
+        unflipped (`decode`'s flips are ignored); the caller flips and scales (TrainLoader.keep_in_memory)."""
+        self.raw = raw
+        if raw:
+            decode_device, device = "cpu", "cpu"
         self.image_size = image_size
         self.max_batch_size = max_batch_size
         self.with_depth = with_depth
@@ -92,18 +99,29 @@ class DaliDecoder:
         size = self.image_size
         feeder = self._feeder = _OneBatch()
         with_depth = self.with_depth
+        raw = self.raw
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if mixed else None
 
         @pipeline_def(batch_size=self.max_batch_size, num_threads=self.num_threads, device_id=device_id,
                       prefetch_queue_depth=1, seed=self.seed)
         def pipeline():
-            if with_depth:
+            if raw:  # no mirror input: flips are the caller's
+                outputs = fn.external_source(source=feeder, num_outputs=2 if with_depth else 1, cycle="raise",
+                                             batch=True, layout=[None, "HWC"] if with_depth else [None])
+                encoded, depth = (outputs[0], outputs[1]) if with_depth else (outputs[0], None)
+            elif with_depth:
                 encoded, mirror, depth = fn.external_source(source=feeder, num_outputs=3, cycle="raise", batch=True,
                                                             layout=[None, None, "HWC"])
             else:
                 encoded, mirror = fn.external_source(source=feeder, num_outputs=2, cycle="raise", batch=True)
             images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
             images = fn.resize(images, resize_shorter=size, antialias=True, interp_type=types.INTERP_LINEAR)
+            if raw:
+                images = fn.crop(images, crop=(size, size))
+                if not with_depth:
+                    return images
+                depth = fn.resize(depth, resize_shorter=size, antialias=True, interp_type=types.INTERP_LINEAR)
+                return images, fn.crop(depth, crop=(size, size))
             images = fn.crop_mirror_normalize(images, crop=(size, size), mirror=mirror, mean=[127.5] * 3,
                                               std=[127.5] * 3, dtype=types.FLOAT, output_layout="CHW")
             if not with_depth:
@@ -133,15 +151,17 @@ class DaliDecoder:
         return result
 
     def _run(self, images: list[bytes], flips: list[bool], depths: list[np.ndarray] | None) -> dict[str, torch.Tensor]:
-        batch = [[np.frombuffer(b, dtype=np.uint8) for b in images],
-                 [np.array(1 if f else 0, dtype=np.int32) for f in flips]]
+        batch = [[np.frombuffer(b, dtype=np.uint8) for b in images]]
+        if not self.raw:
+            batch.append([np.array(1 if f else 0, dtype=np.int32) for f in flips])
         if self.with_depth:
             batch.append(list(depths))
         self._feeder.pending = tuple(batch)
         outputs = self._pipe.run()
         result = {"image": self._to_torch(outputs[0])}
         if self.with_depth:
-            result["depth"] = self._to_torch(outputs[1])[:, 0]
+            depth = self._to_torch(outputs[1])
+            result["depth"] = depth[..., 0] if self.raw else depth[:, 0]  # HWC bytes or CHW floats
         return result
 
     def _rebuild(self, error: BaseException) -> None:

@@ -12,7 +12,7 @@
     checkpoint["data"] = loader.state_dict()
 
 Threads: reader workers (stream.py) fetch and validate shards; one producer thread assembles batches and
-runs DALI, `prefetch_batches` ahead; the trainer's thread only takes finished batches. The position and the
+runs DALI (or PIL where DALI is not installed: pil_decode.py), `prefetch_batches` ahead; the trainer's thread only takes finished batches. The position and the
 epoch's counters advance when the trainer takes a batch, so state_dict() describes exactly what the
 trainer has seen, never what is merely prefetched.
 
@@ -34,6 +34,7 @@ import torch
 from data_pipeline import validate as V
 from data_pipeline.config import LoaderConfig
 from data_pipeline.dali_decode import DaliDecoder, resolve_decode_device
+from data_pipeline.pil_decode import PilDecoder, announce_pil_fallback, dali_available
 from data_pipeline.shards import load_manifest
 from data_pipeline.storage import RetryStats, open_storage
 from data_pipeline.stream import Delivered, Position, RankStream, ShardEnd, Skipped
@@ -110,7 +111,9 @@ class TrainLoader:
         self._dataset_id = hashlib.sha256("".join(s.sha256 for s in self.manifest.shards).encode()).hexdigest()[:16]
         self._position = Position()
         self._counters = V.Counters()
-        self._decoder: DaliDecoder | None = None
+        self._decoder: DaliDecoder | PilDecoder | None = None
+        # keep_in_memory: sample key -> (uint8 image [S,S,3], uint8 depth [S,S] or None), or the reason it failed.
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
         self._producer: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
@@ -119,9 +122,11 @@ class TrainLoader:
 
     @property
     def decoder_device(self) -> str:
-        """Where DALI decodes images: "mixed" (GPU) or "cpu"."""
+        """Where images are decoded: "mixed" (DALI on the GPU) or "cpu" (DALI, or PIL where DALI is missing)."""
         if self._decoder is not None:
             return self._decoder.decoder_device
+        if not dali_available() or self.config.keep_in_memory:
+            return "cpu"
         return resolve_decode_device(self.config.decode_device, self.device)
 
     # Position ------------------------------------------------------------------------------------
@@ -250,9 +255,9 @@ class TrainLoader:
             log.warning("epoch %d rank %d: delivered %d, skipped %d %s, damaged shards %s, converted %s", epoch,
                         self.rank, counters.delivered, counters.skipped_total, counters.skipped,
                         counters.shard_events, counters.converted)
-        else:
-            log.info("epoch %d rank %d: delivered %d of %d samples, converted %s", epoch, self.rank,
-                     counters.delivered, expected, counters.converted)
+        else:  # a clean epoch: kept in epoch_reports; a line per epoch would crowd a local run's console
+            log.debug("epoch %d rank %d: delivered %d of %d samples, converted %s", epoch, self.rank,
+                      counters.delivered, expected, counters.converted)
         self.last_epoch_report = report
         self.epoch_reports.append(report)
         self._position = Position(epoch + 1, 0, 0)
@@ -290,6 +295,17 @@ class TrainLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _make_decoder(self) -> DaliDecoder | PilDecoder:
+        """DALI where it is installed; PIL otherwise (said once in the log), or an error if the GPU was asked for."""
+        raw = self.config.keep_in_memory  # then decoded once per sample, to bytes that _decode_kept keeps
+        if dali_available():
+            return DaliDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device,
+                               self.config.decode_device, self.config.dali_threads, self.config.seed, raw=raw)
+        if self.config.decode_device == "mixed":
+            raise ValueError("decode_device=mixed needs DALI, which is not installed (pip install 'unsup3d[data]')")
+        announce_pil_fallback()
+        return PilDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device, raw=raw)
+
     def _put(self, out: queue.Queue, stop: threading.Event, record: _Record) -> bool:
         while not stop.is_set():
             try:
@@ -302,8 +318,7 @@ class TrainLoader:
     def _produce(self, position: Position, stop: threading.Event, out: queue.Queue) -> None:
         try:
             if self._decoder is None:
-                self._decoder = DaliDecoder(self.config.image_size, self.config.batch_size, self.with_depth, self.device,
-                                            self.config.decode_device, self.config.dali_threads, self.config.seed)
+                self._decoder = self._make_decoder()
             epoch = position.epoch
             items = self.stream.items(position, stop)
             try:
@@ -345,6 +360,8 @@ class TrainLoader:
         self._put(out, stop, _Record("epoch_end", deltas))
 
     def _decode(self, epoch: int, pending: list[Delivered], deltas: _Deltas) -> _Record:
+        if self.config.keep_in_memory:
+            return self._decode_kept(epoch, pending, deltas)
         samples = [p.sample for p in pending]
         flips = [flip_decision(self.config.seed, epoch, s.key, self.config.hflip_probability) for s in samples]
         depths = [s.depth for s in samples] if self.with_depth else None
@@ -361,4 +378,45 @@ class TrainLoader:
             batch = {"image": tensors["image"], "key": keys}
             if self.with_depth:
                 batch["depth"] = tensors["depth"]
+        return _Record("batch", deltas, batch, position)
+
+    def _decode_kept(self, epoch: int, pending: list[Delivered], deltas: _Deltas) -> _Record:
+        """keep_in_memory: decode the samples not seen before (once, unflipped uint8), then flip and scale the
+        batch from memory. Every batch is made this way, the first time too, so the values do not depend on
+        what was kept already (a resumed run's batches equal the uninterrupted run's, bit for bit)."""
+        samples = [p.sample for p in pending]
+        new = [i for i, s in enumerate(samples) if s.key not in self._kept]
+        if new:
+            depths = [samples[i].depth for i in new] if self.with_depth else None
+            tensors, failures = self._decoder.decode([samples[i].image for i in new], [False] * len(new), depths)
+            failed = {f.index: f.detail for f in failures}
+            row = 0
+            for n, i in enumerate(new):
+                if n in failed:
+                    self._kept[samples[i].key] = failed[n]  # fails again, and is counted, every epoch
+                    continue
+                depth = tensors["depth"][row] if self.with_depth else None
+                self._kept[samples[i].key] = (tensors["image"][row], depth)
+                row += 1
+        kept, keys = [], []
+        for i, sample in enumerate(samples):
+            entry = self._kept[sample.key]
+            if isinstance(entry, str):
+                deltas.skips.append(_SkipNote(V.SKIP_DECODE_ERROR, 1, pending[i].shard, sample.key, entry))
+                continue
+            kept.append(entry)
+            keys.append(sample.key)
+        last = pending[-1]
+        position = Position(epoch, last.cursor, last.offset_after)
+        if not keys:
+            return _Record("batch", deltas, None, position)
+        flips = torch.tensor([flip_decision(self.config.seed, epoch, key, self.config.hflip_probability)
+                              for key in keys])
+        images = torch.stack([image for image, _ in kept])  # [B, S, S, 3] uint8
+        images = torch.where(flips[:, None, None, None], images.flip(2), images)
+        batch = {"image": (images.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous().to(self.device), "key": keys}
+        if self.with_depth:
+            depths = torch.stack([depth for _, depth in kept])  # [B, S, S] uint8, x = byte / 255
+            depths = torch.where(flips[:, None, None], depths.flip(2), depths)
+            batch["depth"] = (1.1 - depths.float() * (0.2 / 255.0)).to(self.device)
         return _Record("batch", deltas, batch, position)

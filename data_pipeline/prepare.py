@@ -107,8 +107,12 @@ def resolved_image_size(config: PrepareConfig) -> int | None:
 
 
 def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
-            progress: Callable[[int], None] | None = None) -> Manifest:
-    """Shard `config.input` into `config.output`; returns the manifest written there."""
+                    progress: Callable[[int], None] | None = None,
+                    on_skip: Callable[[str, str, str], None] | None = None) -> Manifest:
+    """Shard `config.input` into `config.output`; returns the manifest written there.
+
+    Every source file left out is logged with its name and counted in the manifest; `on_skip(name, reason,
+    detail)` also hears of each one (the local shard cache keeps the names, to repeat them on reuse)."""
     storage: Storage = open_storage(config.output, config.s3)
     if isinstance(storage, S3Storage):
         storage.ensure_bucket()
@@ -125,12 +129,18 @@ def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
     stored_size: int | None = None
     count = 0
     used_keys: set[str] = set()
+
+    def skip(name: str, reason: str, detail: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        log.warning("prepare: skipped %s: %s: %s", name, reason, detail)
+        if on_skip is not None:
+            on_skip(name, reason, detail)
+
     for item in _source_items(config):
         if config.max_samples is not None and count >= config.max_samples:
             break
         if isinstance(item, SourceProblem):
-            skipped[item.reason] = skipped.get(item.reason, 0) + 1
-            log.warning("prepare: skipped %s: %s: %s", item.name, item.reason, item.detail)
+            skip(item.name, item.reason, item.detail)
             continue
         try:
             is_16bit = item.raw is not None and V._is_16bit_png(item.raw)
@@ -153,24 +163,19 @@ def prepare_dataset(config: PrepareConfig, source_record: dict | None = None,
                 depth = _crop_resize(_depth_channel0(item.depth, item.depth_raw), box, size)
                 components["depth.png"] = _encode(depth, "png", 0)
         except _TooSmall as error:
-            skipped["too_small"] = skipped.get("too_small", 0) + 1
-            log.warning("prepare: skipped %s: too_small: %s", item.name, error)
+            skip(item.name, "too_small", str(error))
             continue
         except ValueError as error:
             reason = "smaller_than_crop" if "smaller than" in str(error) else "bad_geometry"
-            skipped[reason] = skipped.get(reason, 0) + 1
-            log.warning("prepare: skipped %s: %s: %s", item.name, reason, error)
+            skip(item.name, reason, str(error))
             continue
         except Exception as error:  # noqa: BLE001 - e.g. a decoder error surfacing on conversion
-            skipped["unreadable_image"] = skipped.get("unreadable_image", 0) + 1
-            log.warning("prepare: skipped %s: unreadable_image: %s: %s", item.name, type(error).__name__, error)
+            skip(item.name, "unreadable_image", f"{type(error).__name__}: {error}")
             continue
         if stored_size is None:
             stored_size = image.width
         elif image.width != stored_size:
-            skipped["size_differs"] = skipped.get("size_differs", 0) + 1
-            log.warning("prepare: skipped %s: its crop is %d px, the dataset's %d (set image_size)", item.name,
-                        image.width, stored_size)
+            skip(item.name, "size_differs", f"its crop is {image.width} px, the dataset's {stored_size} (set image_size)")
             continue
         for reason in reasons:
             converted[reason] = converted.get(reason, 0) + 1

@@ -199,6 +199,8 @@ class ShardReader:
         self.config = config
         self.validator = validator
         self.retry_stats = retry_stats
+        # config.keep_in_memory: shard index -> (checked items in tar order, its ShardEnd), after a first read.
+        self._kept: dict[int, tuple[list, ShardEnd]] = {}
 
     def _lost_keys(self, info: ShardInfo, present: set[str], should_stop) -> str:
         """Names of the samples the shard's index lists but the tar did not yield (best effort, for logs)."""
@@ -223,6 +225,15 @@ class ShardReader:
                                         events={reason: 1}, detail=f"{detail}; {keys}"))
 
     def load(self, shard_index: int, cursor: int, epoch: int, start: int, should_stop) -> LoadedShard:
+        kept = self._kept.get(shard_index)
+        if kept is not None:  # the same items and damage as the first read, in this epoch's order
+            checked, end = kept
+            order = sample_permutation(len(checked), self.config.seed, epoch, shard_index, self.config.shuffle)
+            return LoadedShard([checked[j] for j in order], replace(end, cursor=cursor, lost=dict(end.lost),
+                                                                    events=dict(end.events)))
+        return self._read(shard_index, cursor, epoch, 0 if self.config.keep_in_memory else start, should_stop)
+
+    def _read(self, shard_index: int, cursor: int, epoch: int, start: int, should_stop) -> LoadedShard:
         info = self.manifest.shards[shard_index]
         url = self.storage.url_of(info.name)
         try:
@@ -273,6 +284,11 @@ class ShardReader:
             if should_stop():
                 raise InterruptedError("stopped")
             items[i] = self.validator.check(samples[order[i]])
+        if self.config.keep_in_memory:  # start is 0 then: every item is checked
+            checked: list = [None] * len(samples)
+            for i, j in enumerate(order):
+                checked[j] = items[i]
+            self._kept[shard_index] = (checked, replace(end, lost=dict(end.lost), events=dict(end.events)))
         return LoadedShard(items, end)
 
 

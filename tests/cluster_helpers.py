@@ -34,3 +34,10 @@ def start_local_cluster(nodes: int = 2, cpus_per_node: int = 1):
         cluster.add_node(num_cpus=cpus_per_node, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     return cluster
+
+
+def forget_launch_variables(monkeypatch) -> None:
+    """Tests that trained in this process (trainer.loop.train.train) leave RANK, WORLD_SIZE, ... behind,
+    and `unsup3d train` would take this process for a torchrun rank and skip Ray."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)

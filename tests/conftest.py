@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Before torch loads OpenMP (and inherited by every command a test starts): threads that sleep while
+# they wait. With libgomp's spinning waits, 2 threads on a shared 2-core machine trained 5x slower
+# than 1 (BENCHMARKS.md, "Embedded Ray uses every core"); a 6-step in-process run took 204 s against
+# 32 s with this, at load 31. `unsup3d` itself sets the same default (cluster/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores on CI: more threads than cores only adds contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -145,7 +145,7 @@ def test_max_steps_zero_saves_the_initial_weights_and_trains_nothing(synthetic_r
     `unsup3d evaluate`. (Before, 0 fell through to train.epochs.)"""
     from test_resume_config import fast_config
     from trainer.loop.checkpoint_load import load_checkpoint
-    from trainer.loop.train import train
+    from cluster.data_source import train
 
     result = train(fast_config(synthetic_root, tmp_path / "run", max_steps=0))
     assert result.steps == 0 and result.checkpoint.endswith("step_00000000")

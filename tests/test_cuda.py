@@ -168,10 +168,12 @@ def test_a_bf16_deepspeed_step_on_cuda(synthetic_root, tmp_path):
     """One step in each bf16 mode (autocast: fp32 weights, nets under autocast; deepspeed: bf16 weights
     with fp32 master weights) on real data: finite, every weight moves, the nets run in bf16 and the
     renderer in fp32, and the first loss is within 3% of fp32's from the same initial weights."""
-    from trainer.data.folder_data import FolderBatches
+    from test_train import folder_batches
 
     config = gpu_config(synthetic_root, tmp_path / "run")
-    batch = next(FolderBatches(str(synthetic_root), "train", 64, 8, 0, device=DEVICE))["image"]
+    batches = folder_batches(synthetic_root, 8, device=DEVICE)
+    batch = next(batches)["image"]
+    batches.close()
     results = [_first_step_loss(config, batch, "fp32", "autocast"),
                _first_step_loss(config, batch, "bf16", "autocast"),
                _first_step_loss(config, batch, "bf16", "deepspeed")]
@@ -263,7 +265,8 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
     differs too: atomic adds in a backward); the latter is recorded and then allowed, as long as the
     restored state itself was exact.
     """
-    from trainer.loop.train import Trainer, train
+    from cluster.data_source import batch_source, train
+    from trainer.loop.train import Trainer
 
     def config_for(name, steps):
         config = gpu_config(synthetic_root, tmp_path / name, max_steps=steps)
@@ -275,13 +278,15 @@ def test_save_and_resume_on_cuda_is_bit_identical(synthetic_root, tmp_path, prec
         trainer.close()  # releases out_dir's run lock, so the next Trainer may resume there
 
     with _deterministic() as seen:
-        first = Trainer(config_for("resumed", 3))
+        config = config_for("resumed", 3)
+        first = Trainer(config, batch_source(config))
         try:
             first.run()
             saved = _snapshot(first)
         finally:
             finish(first)
-        second = Trainer(config_for("resumed", 6))
+        config = config_for("resumed", 6)
+        second = Trainer(config, batch_source(config))
         try:
             second.restore(second.checkpoints.latest())
             restored = _snapshot(second)

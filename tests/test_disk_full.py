@@ -31,7 +31,8 @@ DRILL = textwrap.dedent('''
 
     def listing():
         run = os.path.join(mount, "run")
-        return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, files in os.walk(run) for f in files)
+        return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, files in os.walk(run) for f in files
+                      if os.path.basename(d) != "logs")  # the console's library log, kept on purpose
 
     def fill(leave):
         with open(os.path.join(mount, "filler"), "ab") as f:

@@ -10,14 +10,14 @@ import pickle
 import pytest
 import torch
 
-from test_train import read_metrics, small_config
+from test_train import folder_batches, read_metrics, small_config
 from trainer.loop.checkpoint import CheckpointError
 from trainer.loop.checkpoint_load import install_safe_deepspeed_loader, load_checkpoint
 from trainer.config import EngineConfig, RunConfig
 from trainer.loop.process_group import init_process_group
 from trainer.loop.engine import build_engine, deepspeed_config, resolve_engine_config
-from trainer.data.folder_data import FolderBatches
-from trainer.loop.train import train
+from cluster.data_source import train
+from trainer.loop.train import train as train_on  # with a batch source of the test's own
 
 
 def tiny(root, out_dir, **train_overrides) -> RunConfig:
@@ -93,10 +93,10 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(synthetic_ro
 
 
 class FlakyBatches:
-    """FolderBatches that deliver NaN images on the given calls of next() (a transient fault: replaying
+    """Batches that deliver NaN images on the given calls of next() (a transient fault: replaying
     the same position after a rollback gives clean data)."""
 
-    def __init__(self, inner: FolderBatches, bad_calls: set[int]):
+    def __init__(self, inner, bad_calls: set[int]):
         self.inner, self.bad_calls, self.calls = inner, bad_calls, 0
 
     epoch = property(lambda self: self.inner.epoch)
@@ -119,9 +119,10 @@ class FlakyBatches:
 def test_non_finite_steps_are_skipped_counted_and_rolled_back(synthetic_root, tmp_path, caplog):
     config = tiny(synthetic_root, tmp_path / "run", max_steps=10, checkpoint_every=3, log_every=1)
     config.engine.max_nonfinite_steps = 2
-    data = FlakyBatches(FolderBatches(str(synthetic_root), "train", 64, 8, 0), bad_calls={2, 8, 9})
+    data = FlakyBatches(folder_batches(synthetic_root, 8), bad_calls={2, 8, 9})
     with caplog.at_level(logging.WARNING, logger="trainer.loop.train"):
-        result = train(config, data)
+        result = train_on(config, data)
+    data.inner.close()
     assert result.steps == 10
     records = read_metrics(tmp_path / "run")
     by_step = {}
@@ -145,7 +146,7 @@ def test_persistent_non_finite_steps_stop_the_run(synthetic_root, tmp_path):
     config = tiny(synthetic_root, tmp_path / "run", max_steps=6, checkpoint_every=2)
     config.engine.max_nonfinite_steps = 2
     with pytest.raises(NonFiniteTraining, match="no checkpoint to roll back to"):
-        train(config, FlakyBatches(FolderBatches(str(synthetic_root), "train", 64, 8, 0), bad_calls={1, 2}))
+        train_on(config, FlakyBatches(folder_batches(synthetic_root, 8), bad_calls={1, 2}))
 
 
 def test_gradient_accumulation_consumes_micro_batches(synthetic_root, tmp_path):
@@ -156,7 +157,8 @@ def test_gradient_accumulation_consumes_micro_batches(synthetic_root, tmp_path):
     config.engine.zero_stage = 1  # ZeRO reports the global gradient norm
     train(config)
     state = load_checkpoint(tmp_path / "run" / "checkpoints")
-    assert state["data"]["cursor"] == 3 * 2 * 4
+    # 3 steps of 2 micro-batches of 4 read 24 samples: the stream's position, 96 samples in 8 shards of 12
+    assert state["data"]["epoch"] == 0 and state["data"]["cursor"] * 12 + state["data"]["offset"] == 3 * 2 * 4
     assert json.loads(state["engine"])["gradient_accumulation_steps"] == 2
     assert "grad_norm" in read_metrics(tmp_path / "run")[-1]
 

@@ -125,7 +125,7 @@ def test_demo_skips_giant_and_tiny_inputs_by_name(tmp_path, capsys):
 
 
 def test_the_training_folder_skips_and_counts_instead_of_upscaling_a_one_pixel_image(tmp_path):
-    from trainer.data.folder_data import FolderBatches
+    from data_pipeline.folder_cache import FolderCacheConfig, prepared_folder
 
     train = tmp_path / "data" / "train"
     for i in range(4):
@@ -133,5 +133,7 @@ def test_the_training_folder_skips_and_counts_instead_of_upscaling_a_one_pixel_i
     write_pair(train, "dot", 1)
     giant_png(train / "image" / "giant_image.png", 20000)  # past PIL's own hard limit: still too_large
     giant_png(train / "depth" / "giant_depth.png", 20000)
-    batches = FolderBatches(str(tmp_path / "data"), "train", 64, 2, seed=0)
-    assert batches.skipped == {"too_small": 1, "too_large": 1} and len(batches.keys) == 4
+    entry = prepared_folder(FolderCacheConfig(root=str(tmp_path / "data"), image_size=64))
+    assert entry.manifest.dataset.prepare_skipped == {"too_small": 1, "too_large": 1}
+    assert entry.manifest.num_samples == 4
+    assert sorted(entry.skipped) == ["train/image/dot_image.png", "train/image/giant_image.png"]

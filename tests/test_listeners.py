@@ -79,11 +79,14 @@ def test_a_no_ray_run_listens_only_on_its_metrics_port(synthetic_root, tmp_path)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_workers_under_embedded_ray_listen_on_loopback_only(workers, synthetic_root, tmp_path, capsys):
+def test_workers_under_embedded_ray_listen_on_loopback_only(workers, synthetic_root, tmp_path, capsys,
+                                                            monkeypatch):
     """One worker: no rendezvous at all. Two: the store, gloo's sockets and everything else on 127.0.0.1."""
     pytest.importorskip("ray")
     from cluster.cli import main as cli_main
-    from cluster_helpers import tiny_config
+    from cluster_helpers import forget_launch_variables, tiny_config
+
+    forget_launch_variables(monkeypatch)
 
     out_dir = tmp_path / "run"
     path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=40)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import queue
+import time
 import urllib.request
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from monitoring.exporter import MetricsExporter
 from monitoring.metrics import TrainingMetrics
 from monitoring.mfu import peak_flops
-from monitoring.progress import ProgressBar, format_duration
+from monitoring.progress import ProgressBar
 
 
 def test_metrics_carry_run_category_rank_and_accumulate():
@@ -88,16 +90,37 @@ def test_workers_on_one_node_get_their_own_ports_and_sd_entries(tmp_path):
     assert not list(sd.iterdir())
 
 
-def test_progress_bar_plain_lines_when_not_a_terminal():
+def test_progress_bar_logs_tqdm_lines_when_not_a_terminal(caplog):
     out = io.StringIO()
-    bar = ProgressBar(total=10, every=5, stream=out)
-    for step in range(1, 11):
-        bar.update(step, 12.5, 0.25)
-    bar.close()
-    lines = out.getvalue().splitlines()
+    with caplog.at_level(logging.INFO, logger="monitoring.progress"):
+        bar = ProgressBar(total=10, every=5, stream=out)
+        for step in range(1, 11):
+            bar.update(step, 12.5, 0.25)
+        bar.close()
+    assert out.getvalue() == ""  # no carriage-return drawing in a file: the lines go through logging
+    lines = [r.getMessage() for r in caplog.records if r.name == "monitoring.progress"]
     assert len(lines) == 2
-    assert "5/10" in lines[0] and "12.5 img/s" in lines[0] and "loss 0.2500" in lines[0] and "eta" in lines[0]
-    assert format_duration(3725) == "1:02:05" and format_duration(65) == "01:05"
+    assert "5/10 steps" in lines[0] and "12.5 img/s" in lines[0] and "loss 0.2500" in lines[0] and "eta" in lines[0]
+    assert lines[1].startswith("100%|") and "10/10 steps" in lines[1]
+
+
+def test_progress_eta_leaves_out_the_first_step_and_pauses():
+    """The first step carries one-off costs and validation is not training: neither may stretch the ETA
+    (counted from the start, this run's estimate after 5 steps would be about 65 s)."""
+    bar = ProgressBar(total=100, every=1000, stream=io.StringIO())
+    time.sleep(2.0)  # the first step: warm-up
+    bar.update(1, None, None)
+    for step in range(2, 6):
+        time.sleep(0.1)
+        bar.update(step, 10.0, 0.5)
+        if step == 3:
+            time.sleep(1.0)  # validation
+            bar.pause(1.0)
+    info = bar.bar.format_dict
+    rate = (info["n"] - info["initial"]) / (info["elapsed"])
+    eta = (info["total"] - info["n"]) / rate
+    assert 5.0 < eta < 25.0, eta  # 95 steps at about 0.1 s
+    bar.close()
 
 
 def test_data_stats_reads_a_loader_without_importing_it():

@@ -7,6 +7,7 @@ has the structure Grafana imports."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import socket
@@ -177,9 +178,10 @@ def test_promtool_accepts_rules_and_config(tmp_path):
 
 
 @needs_prometheus
-def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, tmp_path, capsys):
-    from trainer.loop.train import train
+def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, tmp_path, caplog):
+    from cluster.data_source import train
 
+    caplog.set_level(logging.INFO, logger="trainer.loop.monitor")
     prometheus = Prometheus(tmp_path)
     unhealthy = None
     try:
@@ -239,7 +241,8 @@ def test_a_training_run_is_scraped_and_every_query_returns_data(synthetic_root, 
         runner.join(timeout=240)
         assert outcome["result"].steps == 40
         assert not list(prometheus.sd_dir.glob("healthy_*.json"))  # removed at the end of the run
-        assert "metrics: http://127.0.0.1:" in capsys.readouterr().err
+        # the address as one log line, once
+        assert [r.name for r in caplog.records if "metrics: http://127.0.0.1:" in r.getMessage()] == ["trainer.loop.monitor"]
     finally:
         if unhealthy is not None:
             unhealthy.terminate()

@@ -17,7 +17,8 @@ def fast_config(root, out_dir, **train_overrides):
     config = small_config(root, out_dir, **train_overrides)
     config.perceptual.backbone, config.loss.lam_perc = "none", 0.0
     return config
-from trainer.loop.train import Trainer, train
+from cluster.data_source import batch_source, train
+from trainer.loop.train import Trainer
 
 
 def test_changed_optimizer_hyperparameters_are_applied_on_resume_and_logged(synthetic_root, tmp_path, caplog):
@@ -28,7 +29,7 @@ def test_changed_optimizer_hyperparameters_are_applied_on_resume_and_logged(synt
     config.optimizer.betas = (0.5, 0.9)
     config.optimizer.weight_decay = 0.0
     caplog.set_level(logging.WARNING, logger="trainer.loop.train")
-    trainer = Trainer(config)
+    trainer = Trainer(config, batch_source(config))
     try:
         assert trainer.run().steps == 3
         groups = trainer.engine.gate.optimizer.param_groups

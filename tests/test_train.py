@@ -11,7 +11,7 @@ from cluster.cli import main as cli_main
 from trainer.loop.checkpoint import CheckpointError
 from trainer.loop.checkpoint_load import load_checkpoint
 from trainer.config import RunConfig, dump_config
-from trainer.loop.train import train
+from cluster.data_source import train
 
 
 def small_config(root, out_dir, **train_overrides) -> RunConfig:
@@ -30,6 +30,18 @@ def small_config(root, out_dir, **train_overrides) -> RunConfig:
     for key, value in train_overrides.items():
         setattr(config.train, key, value)
     return config
+
+
+def folder_batches(root, batch_size, seed=0, device="cpu"):
+    """The batch source `unsup3d train` builds from a folder: its cached shards, streamed (close() it after)."""
+    from cluster.data_source import folder_loader_config
+    from cluster.streaming import StreamingBatches
+    from data_pipeline.folder_cache import FolderCacheConfig, prepared_folder
+
+    config = small_config(root, "unused")
+    config.data.batch_size, config.train.seed = batch_size, seed
+    entry = prepared_folder(FolderCacheConfig(root=str(root), image_size=config.model.image_size))
+    return StreamingBatches(folder_loader_config(config, entry), device=device, reads_data_root=True)
 
 
 def read_metrics(out_dir):

@@ -27,6 +27,25 @@ def test_depth_departure_is_one_for_the_truth_and_zero_for_one_template(faces):
     assert depth_departure_correlation(scaled, canon, fore)["depth_departure"] == pytest.approx(1.0)
     template = np.repeat(canon.mean(0, keepdims=True), len(canon), axis=0)
     assert depth_departure_correlation(template, canon, fore)["depth_departure"] == 0.0
+    assert depth_departure_correlation(canon, canon, fore)["depth_departure_interior"] == pytest.approx(1.0)
+    assert depth_departure_correlation(template, canon, fore)["depth_departure_interior"] == 0.0
+
+
+def test_interior_correlation_ignores_a_model_that_only_follows_the_outline(faces):
+    """Each face's own depth in the outer ring, one template inside: the interior score stays 0."""
+    from trainer.results.truth_probe import INTERIOR_ERODE, _erode
+
+    truth = read_truth(str(faces), "test")
+    canon = truth["canonical_depth"].astype(np.float64)
+    fore = canon < 1.1
+    interior = _erode(_erode(fore.mean(0) >= 0.95, 1), INTERIOR_ERODE)
+    outline_only = np.where(interior[None], canon.mean(0, keepdims=True), canon)
+    scores = depth_departure_correlation(outline_only, canon, fore)
+    assert scores["depth_departure"] > 0.5
+    assert scores["depth_departure_interior"] == 0.0
+
+
+def test_pearson_of_a_constant_is_zero():
     assert pearson(np.ones(5), np.arange(5)) == 0.0
 
 

@@ -16,7 +16,8 @@ from test_train import read_metrics, small_config
 from trainer.loop.checkpoint_load import load_checkpoint, read_state
 from trainer.config import ConfigError, load_run_config
 from trainer.results.learning_curve import Curve, curve_from_records, plot_learning_curve
-from trainer.loop.train import Trainer, train
+from cluster.data_source import batch_source, train
+from trainer.loop.train import Trainer
 
 METHODS = ("model", "constant_depth", "average_train_depth")
 
@@ -41,7 +42,7 @@ def validated_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("validated") / "run"
     config = fast_config(synthetic_root, out, max_steps=5, eval_every=2, eval_images=6, checkpoint_every=2,
                          keep_checkpoints=3)
-    trainer = Trainer(config)
+    trainer = Trainer(config, batch_source(config))
     try:
         trainer.run()
     finally:

@@ -1,5 +1,6 @@
 """Make the synthetic training set on first use: data.generate_if_missing names a generator (faces or
-the simple synthetic objects) and the loop runs it when data.root has no split yet."""
+the simple synthetic objects) and the run's data source (cluster/data_source.py) runs it when data.root has
+no split yet."""
 
 from __future__ import annotations
 

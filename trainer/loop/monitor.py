@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -99,10 +97,9 @@ class TrainMonitor:
             raise ValueError(f"monitoring: cannot serve metrics on {cfg.bind_address!r} port {port}: "
                              f"{error.strerror or error} (monitoring.bind_address, monitoring.port; "
                              "monitoring.enabled: false turns the endpoint off)") from None
-        log.info("rank %d metrics at %s (Prometheus file_sd entry %s)", group.rank, self.exporter.url, self.exporter.sd_file)
-        if self.local and group.is_main:
-            sd = self.exporter.sd_file or "not written, see the warning above"
-            print(f"metrics: {self.exporter.url} (Prometheus file_sd: {sd})", file=sys.stderr, flush=True)
+        # Once per rank, as a log line (a local run's console shows it once; a cluster's logs once per rank).
+        sd = self.exporter.sd_file or "not written, see the warning above"
+        log.info("metrics: %s (rank %d, Prometheus file_sd entry %s)", self.exporter.url, group.rank, sd)
         precision = config.engine.precision
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self._peak = peak_flops(name, precision, cfg.peak_tflops)
@@ -181,8 +178,11 @@ class TrainMonitor:
                                     torch.cuda.max_memory_allocated(self.device))
 
     def pause(self, seconds: float) -> None:
-        """Time spent between steps on something else (validation) is not part of the next step's time."""
+        """Time spent between steps on something else (validation) is not part of the next step's time,
+        nor of the progress bar's rate."""
         self._step_started += seconds
+        if self.progress is not None:
+            self.progress.pause(seconds)
 
     def validation_baselines(self, record: dict, images: int) -> None:
         """The baselines of validation (a "validation_baselines" record of trainer/loop/validation.py)."""

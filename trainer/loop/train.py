@@ -3,7 +3,8 @@
 Side concerns live in their own modules of trainer/loop: the process group (process_group.py), the
 engine and its precision (engine.py), checkpoints (checkpoint.py, read back by checkpoint_load.py),
 RNG state (rng.py), the device (device.py), metrics.jsonl on resume (metrics_log.py); data comes from
-any BatchSource (trainer/data/folder_data.py when none is given).
+any BatchSource, or a DataFactory that builds one once the process group exists (cluster/data_source.py
+streams data.root's cached shards or a stream: section's through data_pipeline).
 Resuming is automatic: if out_dir/checkpoints holds a checkpoint the run continues from it,
 including every rank's data position and every RNG, so the result is bit-identical to a run that
 was never interrupted. A step whose loss or gradients are not finite is skipped (all ranks agree);
@@ -21,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, Union
 
 import torch
 
@@ -32,8 +33,6 @@ from trainer.config import RunConfig, dump_config
 from trainer.model.config import model_config_hash
 from trainer.loop.process_group import ProcessGroup, all_gather_object, any_rank, init_process_group
 from trainer.loop.engine import build_engine
-from trainer.data.folder_data import FolderBatches
-from trainer.data.generate import generate_if_missing
 from trainer.model.unsup3d import Unsup3DLoss
 from trainer.loop.monitor import TrainMonitor
 from trainer.model.perceptual import build_perceptual_net
@@ -66,6 +65,13 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+DataFactory = Callable[[ProcessGroup, torch.device], BatchSource]
+"""Builds the batch source once the trainer has its process group and device; the trainer then owns it
+(closes it, if it has close(), when the run ends). A source may say `reads_data_root = True`: its
+batches come from data.root, so validation may read data.root's val split."""
+DataArg = Union[BatchSource, DataFactory]
+
+
 class NonFiniteTraining(RuntimeError):
     """Training keeps producing non-finite losses or gradients and rollbacks did not help."""
 
@@ -73,7 +79,7 @@ class NonFiniteTraining(RuntimeError):
 class Trainer:
     """One run on one process of the group; `run()` trains to the end."""
 
-    def __init__(self, config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None,
+    def __init__(self, config: RunConfig, data: DataArg, after_save: SaveHook | None = None,
                  lock_out_dir: bool = True):
         """`after_save`: told of every checkpoint saved (the cluster uploads them with it; see SaveHook).
         `lock_out_dir`: rank 0 holds out_dir's run lock (trainer/loop/run_lock.py) until close(); False where the
@@ -83,6 +89,7 @@ class Trainer:
         self.group: ProcessGroup = init_process_group(resolve_device(config.train.device).type)
         self.device = resolve_device(config.train.device, self.group.local_rank)
         self.run_lock = self._lock_out_dir() if lock_out_dir else None
+        self._owned_data = None  # a source built here from a DataFactory, closed by close()
         try:
             self._build(config, data, after_save)
         except BaseException:
@@ -105,16 +112,19 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Stop the monitor (its metrics endpoint and file_sd entry) and release out_dir's run lock
-        (idempotent; also after a run that failed before its loop began)."""
+        """Stop the monitor (its metrics endpoint and file_sd entry), close a batch source built here and
+        release out_dir's run lock (idempotent; also after a run that failed before its loop began)."""
         monitor = getattr(self, "monitor", None)
         if monitor is not None:
             monitor.close()
+        if self._owned_data is not None and hasattr(self._owned_data, "close"):
+            self._owned_data.close()
+        self._owned_data = None
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
 
-    def _build(self, config: RunConfig, data: BatchSource | None, after_save: SaveHook | None) -> None:
+    def _build(self, config: RunConfig, data: DataArg, after_save: SaveHook | None) -> None:
         if self.group.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(config.train.seed)
@@ -123,17 +133,13 @@ class Trainer:
         if perceptual is not None:
             perceptual = perceptual.to(self.device)
         self.criterion = Unsup3DLoss(config.loss, perceptual, config.model)
-        trains_from_root = data is None  # else the caller streams it (shards): validation needs train.eval_data
         if data is None:
-            if self.group.is_main:
-                generate_if_missing(config)
-            from trainer.loop.process_group import barrier
-
-            barrier()
-            data = FolderBatches(config.data.root, config.data.split, config.model.image_size, config.data.batch_size,
-                                 config.train.seed, config.data.hflip_probability, self.device,
-                                 rank=self.group.rank, world_size=self.group.world_size,
-                                 max_pixels=config.data.max_image_pixels, min_size=config.data.min_image_size)
+            raise ValueError("no batch source: pass one (or a DataFactory); `unsup3d train` and "
+                             "cluster.data_source.train stream data.root or the stream: section's shards")
+        if callable(data) and not hasattr(data, "__next__"):  # a DataFactory
+            data = self._owned_data = data(self.group, self.device)
+        # Else the data comes from elsewhere (e.g. a stream: section's shards): validation needs train.eval_data.
+        trains_from_root = bool(getattr(data, "reads_data_root", False))
         self.data = data
         self.accumulation = self.engine.config.gradient_accumulation_steps
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=config.train.keep_checkpoints,
@@ -382,8 +388,8 @@ class Trainer:
         return TrainResult(self.step, losses, str(saved) if saved else None, images_per_second)
 
 
-def train(config: RunConfig, data: BatchSource | None = None, after_save: SaveHook | None = None) -> TrainResult:
-    """Train (or resume) the run described by `config`, on `data` or else on the folder data.root.
+def train(config: RunConfig, data: DataArg, after_save: SaveHook | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config` on `data` (a BatchSource or a DataFactory).
     Holds out_dir's run lock meanwhile (RunLockedError if another run holds it)."""
     trainer = Trainer(config, data, after_save)
     own_group = trainer.group.created_here and trainer.group.world_size > 1
