@@ -61,16 +61,16 @@ def _loopback_environment(port: int) -> None:
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL's bootstrap: else the first non-loopback one
 
 
-def _join_loopback_group(backend: str, rank: int, world_size: int, port: int, timeout_s: float) -> None:
+def _join_loopback_group(backend: str, world_rank: int, world_size: int, port: int, timeout_s: float) -> None:
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    if rank == 0:
+    if world_rank == 0:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False, master_listen_fd=_LISTENER[0].fileno())
     else:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
 class _LocalFirstBackend(_TorchBackend):
@@ -89,7 +89,7 @@ class _LocalFirstBackend(_TorchBackend):
             worker_group.execute(_set_torch_distributed_env_vars)
         worker_group.execute(_loopback_environment, port=port)
         ray.get([worker_group.execute_single_async(rank, _join_loopback_group, backend=backend_config.backend,
-                                                   rank=rank, world_size=workers, port=port,
+                                                   world_rank=rank, world_size=workers, port=port,
                                                    timeout_s=backend_config.timeout_s)
                  for rank in range(workers)])
 
