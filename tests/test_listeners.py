@@ -78,7 +78,10 @@ def test_a_no_ray_run_listens_only_on_its_metrics_port(synthetic_root, tmp_path)
         run.wait(timeout=60)
 
 
-def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_under_embedded_ray_listen_on_loopback_only(workers, synthetic_root, tmp_path, capsys,
+                                                            monkeypatch):
+    """One worker: no rendezvous at all. Two: the store, gloo's sockets and everything else on 127.0.0.1."""
     pytest.importorskip("ray")
     from cluster.cli import main as cli_main
     from cluster_helpers import forget_launch_variables, tiny_config
@@ -89,13 +92,13 @@ def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, 
     path = tiny_config(tmp_path / "run.yaml", synthetic_root, out_dir, max_steps=40)
     seen: dict = {}
 
-    def watch() -> None:  # the rank-0 worker's sockets once it trains (DeepSpeed and the metrics endpoint up)
+    def watch() -> None:  # every worker's sockets once they train (DeepSpeed and the metrics endpoint up)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not seen:
             try:
-                worker = json.loads((out_dir / "workers" / "rank_0.json").read_text())
+                ranks = [json.loads((out_dir / "workers" / f"rank_{r}.json").read_text()) for r in range(workers)]
                 if (out_dir / "metrics.jsonl").read_text().count("\n") >= 2:
-                    seen["pid"], seen["sockets"] = worker["pid"], listening_sockets(worker["pid"])
+                    seen["sockets"] = {r["pid"]: listening_sockets(r["pid"]) for r in ranks}
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.1)
@@ -103,12 +106,13 @@ def test_one_worker_under_embedded_ray_listens_on_loopback_only(synthetic_root, 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        assert cli_main(["train", "--config", str(path), "--workers", "1"]) == 0
+        assert cli_main(["train", "--config", str(path), "--workers", str(workers)]) == 0
     finally:
         seen.setdefault("done", True)
         watcher.join()
     capsys.readouterr()
-    assert "sockets" in seen, "the run ended before its worker could be looked at"
-    exposed = {(address, port) for address, port in seen["sockets"] if not is_loopback(address)}
-    assert not exposed, f"worker pid {seen['pid']} listens beyond loopback: {sorted(exposed)}"
-    assert seen["sockets"], "the worker's metrics endpoint (and Ray's own) should be there: nothing was measured"
+    assert "sockets" in seen, "the run ended before its workers could be looked at"
+    for pid, sockets in seen["sockets"].items():
+        exposed = {(address, port) for address, port in sockets if not is_loopback(address)}
+        assert not exposed, f"worker pid {pid} listens beyond loopback: {sorted(exposed)}"
+        assert sockets, "each worker's metrics endpoint (and Ray's own) should be there: nothing was measured"
