@@ -83,6 +83,41 @@ def parse_settings(settings: list[str]) -> dict:
     return parsed
 
 
+def _worker_count(text: str):
+    """--workers: a count, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}") from None
+
+
+def _auto_layout(args: argparse.Namespace, config) -> tuple[int, int]:
+    """--workers auto: (workers, images per worker). On an embedded Ray training on the CPU, workers
+    that split data.batch_size (then the global batch) evenly (cluster.ray_train.auto_worker_count);
+    one worker with the whole batch where training runs in this process, on a GPU, or without Ray."""
+    import importlib.util
+
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        raise ValueError("--workers auto is for the embedded Ray of this machine; on a cluster (--address or "
+                         "RAY_ADDRESS) give the number of workers")
+    batch = config.data.batch_size
+    if args.no_ray or _launched_by_torch_launcher() or importlib.util.find_spec("ray") is None:
+        return 1, batch
+    import torch
+
+    if config.train.device != "cpu" and torch.cuda.is_available():  # the GPU does the work: one worker
+        return 1, batch
+    from cluster.ray_train import auto_worker_count
+
+    workers = auto_worker_count(batch)
+    logging.getLogger(__name__).info(
+        "--workers auto: %d worker(s) of %d image(s) each, global batch %d (data.batch_size)",
+        workers, batch // workers, batch)
+    return workers, batch // workers
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.job_config import check_sources, load_job_config
 
@@ -91,6 +126,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                ("category", args.category)) if value is not None}
     overrides.update(parse_settings(args.set or []))
     config = load_job_config(args.config, overrides)
+    if args.workers == "auto":
+        args.workers, per_worker_batch = _auto_layout(args, config)
+        if per_worker_batch != config.data.batch_size:
+            overrides["data.batch_size"] = per_worker_batch
+            if config.stream is not None:
+                overrides["stream.batch_size"] = per_worker_batch
+            config = load_job_config(args.config, overrides)
     if not (args.address or os.environ.get("RAY_ADDRESS")):  # paths mean here what they mean to the workers
         check_sources(config, args.config)
     if not _use_ray(args):
@@ -158,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key, e.g. --set data.batch_size=8 (repeatable; the value is YAML)")
     add_ray_arguments(p)
-    p.add_argument("--workers", type=int, default=1,
-                   help="Ray Train workers (one DeepSpeed rank each); 0 trains in this process without Ray")
+    p.add_argument("--workers", type=_worker_count, default=1,
+                   help="Ray Train workers (one DeepSpeed rank each); 0 trains in this process without Ray; 'auto' "
+                        "(embedded Ray only): as many workers as split data.batch_size evenly with at least 8 images "
+                        "each, at most one per core, the cores shared among them; data.batch_size is then the "
+                        "global batch")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="Ray CPUs (and torch threads) per worker; default: an embedded Ray splits every core of this "
                         "machine among the workers, a cluster gives each worker 1")

@@ -58,9 +58,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, console=Non
     if address:
         ray.init(address=address, log_to_driver=True)
         return "cluster"
-    # A laptop or a test: Ray listens on loopback only (torch's TCPStore, which Ray Train's process
-    # group rendezvous starts in the rank-0 worker, still binds every interface: a torch default that
-    # Ray Train does not let us change). The dashboard (on 127.0.0.1) serves the
+    # A laptop or a test: Ray listens on loopback only, and so does the rendezvous of several workers
+    # (cluster/ray_process_group.py). The dashboard (on 127.0.0.1) serves the
     # State API, which Ray Train's placement-group cleaner polls every few seconds: without it every
     # poll logs "Failed to query Ray Train Controller actor state" to the console. (With two embedded
     # Rays on one machine the cleaner cannot tell which to ask and its thread exits with one
@@ -90,6 +89,26 @@ def local_cpus_per_worker(workers: int) -> float:
     """The embedded Ray's share of this machine per worker: every core, split evenly. One worker with
     every core against one worker per core: BENCHMARKS.md, "Embedded Ray uses every core"."""
     return float(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
+# A worker's share of the global batch under `--workers auto` stays at least this many images: below
+# it the per-image cost of a step grows (BENCHMARKS.md, "Training step").
+AUTO_MIN_WORKER_BATCH = 8
+
+
+def auto_worker_count(global_batch: int, cores: int | None = None) -> int:
+    """`--workers auto` on an embedded Ray: the most workers, at most one per core, that split the
+    global batch evenly with at least AUTO_MIN_WORKER_BATCH images each (1 if none does); the cores
+    are then shared among them (local_cpus_per_worker).
+
+    Several single-threaded workers beat one worker with every thread on an idle machine: two
+    1-thread workers did 1.2x one 2-thread worker on 2 cores, 1.35x with bf16 nets (BENCHMARKS.md,
+    "The default in about 15 minutes"); under load the order reverses (issue 16's table). More than
+    2 cores: not measured."""
+    cores = cores or os.cpu_count() or 1
+    fitting = [w for w in range(1, cores + 1)
+               if global_batch % w == 0 and global_batch // w >= AUTO_MIN_WORKER_BATCH]
+    return max(fitting, default=1)
 
 
 def _uses_working_dir() -> bool:

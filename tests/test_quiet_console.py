@@ -63,6 +63,21 @@ def test_the_default_command_through_the_embedded_ray_prints_only_the_projects_l
     assert len(threads) == 1 and f"trains with {os.cpu_count()} torch thread(s)" in threads[0], threads
 
 
+def test_the_scripts_auto_workers_are_as_quiet(synthetic_root, tmp_path):
+    """scripts/train.sh's `--workers auto`: on 2 or more cores, several workers of one global batch of
+    16, each with its share of the cores; still only the project's lines, from rank 0."""
+    pytest.importorskip("ray")
+    from cluster.ray_train import auto_worker_count
+
+    out_dir = tmp_path / "run"
+    lines = assert_quiet(tiny_default_run(synthetic_root, out_dir, "--workers", "auto", "--set=data.batch_size=16"),
+                         out_dir)
+    workers = auto_worker_count(16)
+    assert any(f"--workers auto: {workers} worker(s) of {16 // workers} image(s) each" in line for line in lines)
+    threads = [line for line in lines if "torch thread(s)" in line]
+    assert len(threads) == 1 and f"trains with {os.cpu_count() // workers} torch thread(s)" in threads[0], threads
+
+
 def test_a_direct_run_is_as_quiet(synthetic_root, tmp_path):
     out_dir = tmp_path / "run"
     assert_quiet(tiny_default_run(synthetic_root, out_dir, "--no-ray"), out_dir)
