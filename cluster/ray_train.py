@@ -91,8 +91,9 @@ def local_cpus_per_worker(workers: int) -> float:
     return float(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
-# A worker's share of the global batch under `--workers auto` stays at least this many images: below
-# it the per-image cost of a step grows (BENCHMARKS.md, "Training step").
+# A worker's share of the global batch under `--workers auto` stays at least this many images. A floor,
+# not a measured optimum: with fewer images a step's fixed costs (Python, the optimizer, the
+# all-reduce) weigh more per image.
 AUTO_MIN_WORKER_BATCH = 8
 
 
@@ -102,9 +103,9 @@ def auto_worker_count(global_batch: int, cores: int | None = None) -> int:
     are then shared among them (local_cpus_per_worker).
 
     Several single-threaded workers beat one worker with every thread on an idle machine: two
-    1-thread workers did 1.2x one 2-thread worker on 2 cores, 1.35x with bf16 nets (BENCHMARKS.md,
-    "The default in about 15 minutes"); under load the order reverses (issue 16's table). More than
-    2 cores: not measured."""
+    1-thread workers did 1.26x one 2-thread worker on 2 cores, 1.28x with bf16 nets (BENCHMARKS.md,
+    "The default in about 15 minutes"); under load the order reversed (BENCHMARKS.md, "Embedded Ray
+    uses every core"). More than 2 cores: not measured."""
     cores = cores or os.cpu_count() or 1
     fitting = [w for w in range(1, cores + 1)
                if global_batch % w == 0 and global_batch // w >= AUTO_MIN_WORKER_BATCH]
