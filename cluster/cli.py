@@ -23,6 +23,11 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+# Named, not __name__: under `python -m cluster.cli` that is "__main__", which the console does not
+# count as the project's own (cluster.console.PROJECT_LINE).
+log = logging.getLogger("cluster.cli")
+
+
 def _launched_by_torch_launcher() -> bool:
     """torchrun / the DeepSpeed launcher already started one process per rank: train in this one."""
     return "WORLD_SIZE" in os.environ and "RAY_JOB_ID" not in os.environ and "RAY_ADDRESS" not in os.environ
@@ -37,7 +42,7 @@ def _use_ray(args: argparse.Namespace) -> bool:
         if args.address or args.workers > 1:
             raise ValueError("Ray is not installed (pip install 'unsup3d[cluster]'); it is needed for "
                              "--address and --workers > 1") from None
-        logging.getLogger(__name__).warning("Ray is not installed: training in this process")
+        log.warning("Ray is not installed: training in this process")
         return False
     return True
 
@@ -112,7 +117,7 @@ def _auto_layout(args: argparse.Namespace, config) -> tuple[int, int]:
     from cluster.ray_train import auto_worker_count
 
     workers = auto_worker_count(batch)
-    logging.getLogger(__name__).info(
+    log.info(
         "--workers auto: %d worker(s) of %d image(s) each, global batch %d (data.batch_size)",
         workers, batch // workers, batch)
     return workers, batch // workers

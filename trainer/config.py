@@ -273,7 +273,8 @@ class MonitoringConfig:
     run_name: str | None = None
     """The `run` label; None: the name of train.out_dir."""
     progress_bar: bool = True
-    """In local mode (a world of one), show step, images/s, loss and time left on stderr."""
+    """On a run on one machine (a world of one, or all ranks here), rank 0 shows step, images/s, loss and time
+    left on stderr."""
     count_flops: bool = True
     """Count the training FLOPs per image once (one extra forward and backward at the first step) for MFU."""
     peak_tflops: float | None = None
