@@ -33,8 +33,13 @@ def _launched_by_torch_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RAY_JOB_ID" not in os.environ and "RAY_ADDRESS" not in os.environ
 
 
+def _trains_in_process(args: argparse.Namespace) -> bool:
+    """--no-ray, --workers 0, or a process a torch launcher started."""
+    return args.no_ray or args.workers == 0 or _launched_by_torch_launcher()
+
+
 def _use_ray(args: argparse.Namespace) -> bool:
-    if args.no_ray or args.workers == 0 or _launched_by_torch_launcher():
+    if _trains_in_process(args):
         return False
     import importlib.util
 
@@ -98,29 +103,28 @@ def _worker_count(text: str):
         raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}") from None
 
 
-def _auto_layout(args: argparse.Namespace, config) -> tuple[int, int]:
-    """--workers auto: (workers, images per worker). On an embedded Ray training on the CPU, workers
-    that split data.batch_size (then the global batch) evenly (cluster.ray_train.auto_worker_count);
-    one worker with the whole batch where training runs in this process, on a GPU, or without Ray."""
+def _auto_workers(args: argparse.Namespace, config) -> int:
+    """--workers auto: on an embedded Ray training on the CPU, the workers that split data.batch_size
+    (then the global batch) evenly (cluster.ray_train.auto_worker_count); one worker where training
+    runs in this process, on a GPU, or without Ray."""
     import importlib.util
 
     if args.address or os.environ.get("RAY_ADDRESS"):
         raise ValueError("--workers auto is for the embedded Ray of this machine; on a cluster (--address or "
                          "RAY_ADDRESS) give the number of workers")
-    batch = config.data.batch_size
-    if args.no_ray or _launched_by_torch_launcher() or importlib.util.find_spec("ray") is None:
-        return 1, batch
+    if _trains_in_process(args) or importlib.util.find_spec("ray") is None:
+        return 1
     import torch
 
     if config.train.device != "cpu" and torch.cuda.is_available():  # the GPU does the work: one worker
-        return 1, batch
+        return 1
     from cluster.ray_train import auto_worker_count
 
+    batch = config.data.batch_size
     workers = auto_worker_count(batch)
-    log.info(
-        "--workers auto: %d worker(s) of %d image(s) each, global batch %d (data.batch_size)",
-        workers, batch // workers, batch)
-    return workers, batch // workers
+    log.info("--workers auto: %d worker(s) of %d image(s) each, global batch %d (data.batch_size)",
+             workers, batch // workers, batch)
+    return workers
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -132,8 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(parse_settings(args.set or []))
     config = load_job_config(args.config, overrides)
     if args.workers == "auto":
-        args.workers, per_worker_batch = _auto_layout(args, config)
-        if per_worker_batch != config.data.batch_size:
+        args.workers = _auto_workers(args, config)
+        if args.workers > 1:
+            per_worker_batch = config.data.batch_size // args.workers
             overrides["data.batch_size"] = per_worker_batch
             if config.stream is not None:
                 overrides["stream.batch_size"] = per_worker_batch

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -62,9 +61,8 @@ class TrainMonitor:
         self.group = group
         self.device = device
         self.total_steps = total_steps
-        # A run on this machine alone: a world of one, or every rank here (an embedded Ray's workers,
-        # torchrun on one node). Its rank 0 draws the progress bar; a multi-node run's logs do not get one.
-        self.local = group.world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == str(group.world_size)
+        # Rank 0 of a run on this machine alone draws the progress bar; a multi-node run's logs get none.
+        self.local = group.on_one_machine
         self.enabled = cfg.enabled
         if self.enabled:
             try:

@@ -30,6 +30,13 @@ class ProcessGroup:
     local_rank: int
     backend: str
     created_here: bool
+    local_world_size: int = 1
+    """Ranks on this machine (the launcher's LOCAL_WORLD_SIZE; 1 where it does not say)."""
+
+    @property
+    def on_one_machine(self) -> bool:
+        """Every rank runs here: a world of one, an embedded Ray's workers, torchrun on one node."""
+        return self.world_size == 1 or self.local_world_size == self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +62,8 @@ def init_process_group(device_type: str, timeout_s: float = 1800.0) -> ProcessGr
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", _env_int("LOCAL_RANK", 0)),
                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", 0)):
             os.environ.setdefault(name, str(value))
-        return ProcessGroup(rank, world, _env_int("LOCAL_RANK", 0), dist.get_backend(), created_here=False)
+        return ProcessGroup(rank, world, _env_int("LOCAL_RANK", 0), dist.get_backend(), created_here=False,
+                            local_world_size=_env_int("LOCAL_WORLD_SIZE", 1))
 
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
@@ -76,7 +84,8 @@ def init_process_group(device_type: str, timeout_s: float = 1800.0) -> ProcessGr
     else:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
     log.info("process group: rank %d of %d (local rank %d), backend %s", rank, world, local_rank, backend)
-    return ProcessGroup(rank, world, local_rank, backend, created_here=True)
+    return ProcessGroup(rank, world, local_rank, backend, created_here=True,
+                        local_world_size=_env_int("LOCAL_WORLD_SIZE", 1))
 
 
 def _init_world_of_one(backend: str, kwargs: dict) -> str:
