@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from trainer.model.conv_forms import FewChannelConv2d, NearestUpsampledConv2d
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(channels // 4, channels)
@@ -85,14 +87,16 @@ class EncoderDecoder(nn.Module):
         for cin, cnext in [(8 * nf, 4 * nf), (4 * nf, 2 * nf), (2 * nf, nf)]:
             layers += up_block(cin, cnext, refine=True)
         layers += [
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(nf, nf, 3, 1, 1, bias=False),
+            # The reference's nn.Upsample: the next layer upsamples itself (conv_forms.py); the
+            # placeholder keeps every later layer's index, which checkpoints name them by.
+            nn.Identity(),
+            NearestUpsampledConv2d(nf, nf),
             group_norm(nf),
             nn.ReLU(inplace=True),
             nn.Conv2d(nf, nf, 5, 1, 2, bias=False),
             group_norm(nf),
             nn.ReLU(inplace=True),
-            nn.Conv2d(nf, cout, 5, 1, 2, bias=False),
+            FewChannelConv2d(nf, cout, 5),
         ]
         if activation is not None:
             layers.append(activation)
@@ -117,7 +121,7 @@ class ConfidenceNet(nn.Module):
         self.photometric_head = nn.Sequential(
             *up_block(2 * nf, nf, refine=False),
             *up_block(nf, nf, refine=False),
-            nn.Conv2d(nf, 2, 5, 1, 2, bias=False),
+            FewChannelConv2d(nf, 2, 5),
             nn.Softplus(),
         )
         self.perceptual_head = nn.Sequential(nn.Conv2d(2 * nf, 2, 3, 1, 1, bias=False), nn.Softplus())
