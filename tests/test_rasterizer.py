@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.render import geometry, pixel_candidates, rasterizer
+from trainer.render import geometry, native_zbuffer, pixel_candidates, rasterizer
 from trainer.render.rasterizer import grid_faces, rasterize_depth, rasterize_depth_brute_force
 
 
@@ -35,8 +35,13 @@ def view_vertices(depth: torch.Tensor, R: torch.Tensor, t: torch.Tensor) -> torc
 
 
 def both_rasterisers(vertices, faces, K, height, width):
+    """(PyTorch fast path, brute force); the C z-buffer, where this machine builds it, must equal the fast path."""
     args = (vertices, faces, K, height, width)
-    return rasterize_depth(*args), rasterize_depth_brute_force(*args)
+    fast = rasterize_depth(*args, zbuffer="torch")
+    if native_zbuffer.available() and vertices.dtype == torch.float32:
+        native = rasterize_depth(*args, zbuffer="native")
+        assert torch.equal(native[1], fast[1]) and torch.equal(native[0], fast[0])
+    return fast, rasterize_depth_brute_force(*args)
 
 
 def assert_same_rendering(fast, brute):
@@ -104,11 +109,11 @@ def test_chunked_processing_gives_the_same_result(monkeypatch):
     depth = random_depth(3, size, generator, noise=0.5)
     R, t = random_view(3, generator)
     args = (view_vertices(depth, R, t), grid_faces(size, size), geometry.intrinsics(size), size, size)
-    reference = rasterize_depth(*args)
+    reference = rasterize_depth(*args, zbuffer="torch")
     monkeypatch.setattr(rasterizer, "FACE_CHUNK_CPU", 37)
     monkeypatch.setattr(pixel_candidates, "CANDIDATE_CHUNK", 50)
     monkeypatch.setattr(rasterizer, "BRUTE_FORCE_CHUNK", 999)
-    assert_same_rendering(rasterize_depth(*args), reference)
+    assert_same_rendering(rasterize_depth(*args, zbuffer="torch"), reference)
     assert_same_rendering(rasterize_depth_brute_force(*args), reference)
 
 
@@ -121,9 +126,9 @@ def test_box_and_scanline_enumeration_agree(monkeypatch):
     args = (view_vertices(depth, R, t), grid_faces(size, size), geometry.intrinsics(size), size, size)
     reference = rasterize_depth_brute_force(*args)
     monkeypatch.setattr(pixel_candidates, "BOX_MAX_AREA", 0)
-    assert_same_rendering(rasterize_depth(*args), reference)
+    assert_same_rendering(rasterize_depth(*args, zbuffer="torch"), reference)
     monkeypatch.setattr(pixel_candidates, "BOX_MAX_AREA", 10**9)
-    assert_same_rendering(rasterize_depth(*args), reference)
+    assert_same_rendering(rasterize_depth(*args, zbuffer="torch"), reference)
 
 
 def test_huge_and_thin_triangles_keep_their_full_coverage():

@@ -54,6 +54,9 @@ def test_config_defaults_and_validation():
     assert cfg.pixel_centre == "integer"
     with pytest.raises(ValueError, match="pixel_centre"):
         RendererConfig(pixel_centre="half")
+    assert cfg.zbuffer == "auto"
+    with pytest.raises(ValueError, match="zbuffer must be one of"):
+        RendererConfig(zbuffer="c")
     with pytest.raises(ValueError, match="image_size"):
         Renderer(RendererConfig(image_size=16)).render_depth(torch.ones(1, 8, 8), *identity_view(1))
 
@@ -406,3 +409,21 @@ def test_camera_argument_replaces_the_default_camera():
     covered = (pooled < 1.2) & coarse.recon_mask(expected).bool()
     assert covered.float().mean() > 0.5
     torch.testing.assert_close(pooled[covered], expected[covered], rtol=0, atol=1e-5)
+
+
+def test_the_coordinate_plane_geometry_computes_the_point_geometry():
+    """The renderer's planes (x, y, z) give what the [..., 3] functions give, up to rounding."""
+    generator = torch.Generator().manual_seed(11)
+    depth = 1 + 0.1 * torch.rand(3, 6, 9, generator=generator, dtype=torch.float64)
+    angles = torch.rand(3, 3, generator=generator, dtype=torch.float64) - 0.5
+    R, t = geometry.euler_to_rotation(angles), torch.rand(3, 3, generator=generator, dtype=torch.float64) * 0.1
+    K = geometry.intrinsics(9, 6, dtype=torch.float64)
+    points = geometry.depth_to_points(depth, K)
+    planes = geometry.depth_to_point_planes(depth, K)
+    torch.testing.assert_close(torch.stack(planes, -1), points, rtol=1e-12, atol=1e-12)
+    moved = geometry.transform_point_planes(planes, R, t)
+    torch.testing.assert_close(torch.stack(moved, -1), geometry.transform_points(points, R, t), rtol=1e-12, atol=1e-12)
+    back = geometry.inverse_transform_point_planes(moved, R, t)
+    torch.testing.assert_close(torch.stack(back, -1), points, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.stack(geometry.project_planes(moved, K), -1),
+                               geometry.project(geometry.transform_points(points, R, t), K), rtol=1e-12, atol=1e-12)

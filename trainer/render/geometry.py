@@ -108,3 +108,55 @@ def inverse_transform_points(points: torch.Tensor, R: torch.Tensor, t: torch.Ten
     flat = points.reshape(shape[0], -1, 3)
     out = (flat - t[:, None, :] - c) @ R + c
     return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same geometry on coordinate planes: points as a tuple (x, y, z) of equally shaped tensors
+# ([B, H, W] or [B, N]) rather than one [..., 3] tensor. The renderer's hot path uses these: a 3x3
+# matrix product on [B*H*W, 3] rows is one of the slowest kernels on CPU (its backward too), while
+# each plane here is a few contiguous elementwise passes (issue 14). Results equal the functions
+# above up to float rounding (the products are summed in another order).
+
+Planes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def ray_planes(height: int, width: int, K: torch.Tensor) -> Planes:
+    """K^-1 (u, v, 1) as three [H, W] planes: the point at depth 1 behind each pixel."""
+    u, v, one = pixel_grid(height, width, dtype=K.dtype, device=K.device).unbind(-1)
+    K_inv = torch.linalg.inv(K).tolist()
+    return tuple(row[0] * u + row[1] * v + row[2] * one for row in K_inv)
+
+
+def depth_to_point_planes(depth: torch.Tensor, K: torch.Tensor) -> Planes:
+    """depth_to_points as planes: depth [B, H, W] -> (x, y, z), each [B, H, W]."""
+    _, h, w = depth.shape
+    return tuple(depth * ray for ray in ray_planes(h, w, K.to(depth)))
+
+
+def _per_batch(matrix: torch.Tensor, like: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The entries of matrix [B, 3, 3] as [B, 1, ...] tensors that broadcast against like [B, ...]."""
+    shape = (matrix.shape[0],) + (1,) * (like.dim() - 1)
+    return [[matrix[:, i, j].reshape(shape) for j in range(3)] for i in range(3)]
+
+
+def transform_point_planes(points: Planes, R: torch.Tensor, t: torch.Tensor) -> Planes:
+    """transform_points as planes: P' = R (P - c) + c + t."""
+    q = [p - c for p, c in zip(points, ROTATION_CENTRE)]
+    r = _per_batch(R, q[0])
+    shift = [t[:, i].reshape(r[0][0].shape) for i in range(3)]
+    return tuple(r[i][0] * q[0] + r[i][1] * q[1] + r[i][2] * q[2] + ROTATION_CENTRE[i] + shift[i] for i in range(3))
+
+
+def inverse_transform_point_planes(points: Planes, R: torch.Tensor, t: torch.Tensor) -> Planes:
+    """inverse_transform_points as planes: P = R^T (P' - t - c) + c."""
+    r = _per_batch(R, points[0])
+    q = [p - t[:, i].reshape(r[0][0].shape) - ROTATION_CENTRE[i] for i, p in enumerate(points)]
+    return tuple(r[0][i] * q[0] + r[1][i] * q[1] + r[2][i] * q[2] + ROTATION_CENTRE[i] for i in range(3))
+
+
+def project_planes(points: Planes, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """project as planes: (u, v) pixel coordinates of camera-frame points (x, y, z)."""
+    k = K.tolist()
+    x, y, z = points
+    p = [row[0] * x + row[1] * y + row[2] * z for row in k]
+    return p[0] / p[2], p[1] / p[2]

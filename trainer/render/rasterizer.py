@@ -20,7 +20,10 @@ the fast path visits, per triangle, only the pixels near it:
    reference).
 
 Cost grows with pixels (plus the area of the triangles), not pixels x faces. The brute-force
-version below shares steps 3 to 5 bit for bit and is the reference of the tests.
+version below shares steps 3 to 5 bit for bit and is the reference of the tests. Steps 2 to 4 also
+exist as one C loop (zbuffer.c, built and loaded by native_zbuffer.py), which gives the same
+winners bit for bit and is what runs on CPU in float32 where a C compiler is available: in PyTorch
+they are some 500 elementwise passes over the candidates, a seventh of a small-width training step.
 
 Coverage rule, shared by both paths: a pixel is inside a triangle when its three edge functions
 are all >= 0 with a positive sum, or all <= 0 with a negative sum (both windings: no culling).
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.render import native_zbuffer
 from trainer.render.pixel_candidates import enumerate_candidates, max3, min3
 
 # Faces with a vertex nearer than this (camera frame z) are not drawn. Our depth range never comes
@@ -71,7 +75,7 @@ def grid_faces(height: int, width: int, device=None) -> torch.Tensor:
 
 def rasterize_depth(
     vertices: torch.Tensor, faces: torch.Tensor, K: torch.Tensor, height: int, width: int,
-    *, pixel_offset: float = 0.0,
+    *, pixel_offset: float = 0.0, zbuffer: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth of the nearest triangle at every pixel, visiting only pixels near each triangle.
 
@@ -86,8 +90,24 @@ def rasterize_depth(
     rasteriser's convention (SPEC 3.4). It is applied once, to the projected vertices (x - offset,
     y - offset), so the fast path, the brute force and the differentiable winner evaluation still
     share every later operation and agree bit for bit.
+
+    zbuffer: which implementation of steps 2 to 4 runs (all give the same face_index, bit for bit):
+    "torch" is the PyTorch fast path; "native" the C loop of zbuffer.c (float32 on CPU only, needs
+    a C compiler: native_zbuffer.py); "auto" the C loop where it applies and is available, else
+    the PyTorch path.
     """
-    return _rasterize(vertices, faces, K, height, width, _fast_zbuffer, pixel_offset)
+    return rasterize_depth_planes(vertices.unbind(-1), faces, K, height, width, pixel_offset=pixel_offset,
+                                  zbuffer=zbuffer)
+
+
+def rasterize_depth_planes(
+    points: tuple[torch.Tensor, torch.Tensor, torch.Tensor], faces: torch.Tensor, K: torch.Tensor,
+    height: int, width: int, *, pixel_offset: float = 0.0, zbuffer: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rasterize_depth of vertices given as coordinate planes (x, y, z), each [B, N] (geometry.py's planes)."""
+    if zbuffer not in ZBUFFERS:
+        raise ValueError(f"rasterize_depth: zbuffer must be one of {', '.join(ZBUFFERS)}, got {zbuffer!r}")
+    return _rasterize(points, faces, K, height, width, _ZBUFFER_FUNCTIONS[zbuffer], pixel_offset)
 
 
 def rasterize_depth_brute_force(
@@ -95,26 +115,45 @@ def rasterize_depth_brute_force(
     *, pixel_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rasterize_depth by testing every face against every pixel: slow, obviously complete; for tests."""
-    return _rasterize(vertices, faces, K, height, width, _brute_force_zbuffer, pixel_offset)
+    return _rasterize(vertices.unbind(-1), faces, K, height, width, _table_zbuffer(_brute_force_zbuffer),
+                      pixel_offset)
 
 
-def _rasterize(vertices, faces, K, height, width, zbuffer, pixel_offset=0.0):
+def _rasterize(points, faces, K, height, width, zbuffer, pixel_offset=0.0):
     """Shared driver: z-buffer without autograd, then the winners' depth with autograd."""
-    dtype = vertices.dtype if vertices.dtype == torch.float64 else torch.float32
-    # The projection below is a matmul, which autocast would run in bf16.
-    with torch.autocast(device_type=vertices.device.type, enabled=False):
-        vertices = vertices.to(dtype)
-        faces = faces.to(device=vertices.device, dtype=torch.long)
-        batch, n = vertices.shape[:2]
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in points) else torch.float32
+    with torch.autocast(device_type=points[0].device.type, enabled=False):
+        points = [p.to(dtype) for p in points]
+        faces = faces.to(device=points[0].device, dtype=torch.long)
+        batch = points[0].shape[0]
         if batch * faces.shape[0] >= 1 << _FACE_BITS:
             raise ValueError("rasterize_depth: batch x faces must stay below 2**32 (z-buffer key layout)")
-        screen = _screen_vertices(vertices, K.to(vertices), float(pixel_offset))
+        screen = _screen_vertices(points, K.to(dtype), float(pixel_offset))
         with torch.no_grad():
-            corner_ids = [_batch_ids(faces[:, k], batch, n) for k in range(3)]
-            table = torch.stack(_corner_attributes(screen.detach(), corner_ids))
-            face_index = zbuffer(table, faces.shape[0], height, width)
+            face_index = zbuffer(screen.detach(), faces, batch, height, width)
         depth = _winner_depth(screen, faces, face_index)
     return depth, face_index
+
+
+def _table_zbuffer(table_zbuffer):
+    """A z-buffer on (screen [3, B*N], faces, batch, height, width) from one on the face table [9, B*F]."""
+
+    def zbuffer(screen, faces, batch, height, width):
+        corner_ids = [_batch_ids(faces[:, k], batch, screen.shape[1] // batch) for k in range(3)]
+        table = torch.stack(_corner_attributes(screen, corner_ids))
+        return table_zbuffer(table, faces.shape[0], height, width)
+
+    return zbuffer
+
+
+def _native_zbuffer(screen, faces, batch, height, width):
+    return native_zbuffer.zbuffer(screen, faces, batch, height, width)
+
+
+def _auto_zbuffer(screen, faces, batch, height, width):
+    if native_zbuffer.supports(screen) and native_zbuffer.available():
+        return native_zbuffer.zbuffer(screen, faces, batch, height, width)
+    return _table_zbuffer(_fast_zbuffer)(screen, faces, batch, height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,22 +161,24 @@ def _rasterize(vertices, faces, K, height, width, zbuffer, pixel_offset=0.0):
 # evaluation all use exactly these operations, so they agree bit for bit.
 
 
-def _screen_vertices(vertices, K, pixel_offset=0.0):
-    """Per vertex x, y (pixel coordinates) and 1/z, as the rows of a [3, B*N] tensor.
+def _screen_vertices(points, K, pixel_offset=0.0):
+    """Per vertex x, y (pixel coordinates) and 1/z, as the rows of a [3, B*N] tensor, from planes [B, N].
 
     x and y are in the frame whose integer points are the samples: the projection minus
     pixel_offset (rasterize_depth). Vertices that cannot be drawn (z <= NEAR, or not finite) get
     x = y = 0 and 1/z = 0: finite values for the forward and backward passes, and 1/z = 0 marks
     their faces as not drawable.
     """
-    z = vertices[..., 2].reshape(-1)
-    inv_z = 1.0 / torch.where(z > NEAR, z, 1.0)
-    p = (vertices @ K.T).reshape(-1, 3)
-    x, y = p[:, 0] * inv_z, p[:, 1] * inv_z
+    px, py, pz = (p.reshape(-1) for p in points)
+    inv_z = 1.0 / torch.where(pz > NEAR, pz, 1.0)
+    # K (p_x, p_y, p_z) per plane: a [B*N, 3] x [3, 3] matmul is one of the slowest CPU kernels.
+    k = K.tolist()
+    x = (k[0][0] * px + k[0][1] * py + k[0][2] * pz) * inv_z
+    y = (k[1][0] * px + k[1][1] * py + k[1][2] * pz) * inv_z
     if pixel_offset != 0.0:  # (x - 0 would be exact too; this only saves the work)
         x, y = x - pixel_offset, y - pixel_offset
     screen = torch.stack([x, y, inv_z])
-    valid = (z > NEAR) & torch.isfinite(screen[:2]).all(0)
+    valid = (pz > NEAR) & torch.isfinite(screen[:2]).all(0)
     return torch.where(valid, screen, 0.0)
 
 
@@ -218,8 +259,10 @@ def _winner_depth(screen, faces, face_index):
     n = screen.shape[1] // b
     covered = face_index >= 0
     winner = face_index.clamp_min(0).reshape(-1)
-    corner_ids = [_batch_ids(faces[:, k].index_select(0, winner).view(b, -1), b, n) for k in range(3)]
-    x0, y0, iz0, x1, y1, iz1, x2, y2, iz2 = (c.view(b, h, w) for c in _corner_attributes(screen, corner_ids))
+    corner_ids = torch.cat([_batch_ids(faces[:, k].index_select(0, winner).view(b, -1), b, n) for k in range(3)])
+    # One gather of all three corners' x, y, 1/z (one index_add in the backward pass, where nine
+    # separate gathers cost nine full-size scatters).
+    (x0, x1, x2), (y0, y1, y2), (iz0, iz1, iz2) = screen.index_select(1, corner_ids).view(3, 3, b, h, w)
     py, px = _pixel_centres(h, w, screen)
     w0, w1, w2 = _edge_functions(x0, y0, x1, y1, x2, y2, px, py)
     return _interpolated_depth(w0, w1, w2, iz0, iz1, iz2, covered)
@@ -283,3 +326,7 @@ def _brute_force_zbuffer(table, faces_per_image, height, width):
         batch_face = image_base + torch.arange(start, start + chunk.shape[2], device=table.device)[None, :, None]
         keys = torch.minimum(keys, _zbuffer_key(z, batch_face, covered).amin(1))
     return _face_from_key(keys, f).view(batch, height, width)
+
+
+ZBUFFERS = ("auto", "torch", "native")
+_ZBUFFER_FUNCTIONS = {"auto": _auto_zbuffer, "torch": _table_zbuffer(_fast_zbuffer), "native": _native_zbuffer}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.render import geometry
-from trainer.render.rasterizer import grid_faces, rasterize_depth
+from trainer.render.rasterizer import ZBUFFERS, grid_faces, rasterize_depth_planes
 
 
 PIXEL_CENTRES = ("integer", "reference")
@@ -47,6 +47,9 @@ class RendererConfig:
     (c + 0.5, r + 0.5), sub-pixels at +1/4 and +3/4, as the reference's rasteriser did (SPEC 3.4),
     while back-projection, normals and warp keep integer coordinates: rendered depth is then half a
     pixel off from the warp, exactly as in the reference. Only the rasteriser's samples move."""
+    zbuffer: str = "auto"
+    """The rasteriser's z-buffer (rasterize_depth): "auto" (the compiled C loop on CPU where a C
+    compiler is available, else PyTorch), "torch" or "native". Same result every way, bit for bit."""
 
     def __post_init__(self):
         if self.image_size < 2:
@@ -55,6 +58,8 @@ class RendererConfig:
             raise ValueError(f"renderer needs min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
         if self.supersample < 1:
             raise ValueError(f"renderer supersample must be >= 1, got {self.supersample}")
+        if self.zbuffer not in ZBUFFERS:
+            raise ValueError(f"renderer zbuffer must be one of {', '.join(ZBUFFERS)}, got {self.zbuffer!r}")
         if self.pixel_centre not in PIXEL_CENTRES:
             raise ValueError(f"renderer pixel_centre must be one of {', '.join(PIXEL_CENTRES)}, got {self.pixel_centre!r}")
 
@@ -142,13 +147,14 @@ class Renderer:
             depth, R, t = cast(canon_depth), cast(R), cast(t)
             b, h, w = depth.shape
             s = self.cfg.supersample
-            points = geometry.depth_to_points(depth, self._camera("image", depth)).reshape(b, h * w, 3)
-            points = geometry.transform_points(points, R, t)
+            points = geometry.depth_to_point_planes(depth, self._camera("image", depth))
+            points = [p.reshape(b, h * w) for p in geometry.transform_point_planes(points, R, t)]
             # The mesh stays the 1x mesh even when supersampling: the reference rendered the same
             # vertices into a larger image; it did not upsample the depth map.
             faces = self._grid_faces(depth.device)
-            rendered, _ = rasterize_depth(
-                points, faces, self._camera("render", depth), h * s, w * s, pixel_offset=self._pixel_offset
+            rendered, _ = rasterize_depth_planes(
+                points, faces, self._camera("render", depth), h * s, w * s, pixel_offset=self._pixel_offset,
+                zbuffer=self.cfg.zbuffer,
             )
             if s > 1:
                 rendered = F.avg_pool2d(rendered.unsqueeze(1), s).squeeze(1)
@@ -172,9 +178,9 @@ class Renderer:
             image, depth, R, t = cast(canon_image), cast(view_depth), cast(R), cast(t)
             b, h, w = depth.shape
             K = self._camera("image", depth)
-            points = geometry.inverse_transform_points(geometry.depth_to_points(depth, K), R, t)
-            uv = geometry.project(points, K)  # [B, H, W, 2]
-            grid = uv / uv.new_tensor([w - 1, h - 1]) * 2 - 1
+            points = geometry.inverse_transform_point_planes(geometry.depth_to_point_planes(depth, K), R, t)
+            u, v = geometry.project_planes(points, K)  # [B, H, W] each
+            grid = torch.stack([u / (w - 1), v / (h - 1)], dim=-1) * 2 - 1
             return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
     def recon_mask(self, view_depth: torch.Tensor) -> torch.Tensor:
