@@ -9,6 +9,8 @@ metrics.jsonl, leaving out the first logged window (start-up, the first batch, t
     python benchmarks/bench_local_cores.py --steps 24 --rounds 2
     python benchmarks/bench_local_cores.py --set model.depth_nf=16 --set model.depth_zdim=64 \
         --also-with engine.precision=bf16        # every variant also with that override, suffix "+bf16"
+    python benchmarks/bench_local_cores.py --baseline bba37c2 --only baseline,ray-2x1
+        # adds "baseline": that commit's code and its own configs/default.yaml, run --no-ray
 
 Variants:
   no-ray        --no-ray: this process, torch's default threads (every core)
@@ -43,15 +45,15 @@ def variants(cores: int) -> dict[str, tuple[list[str], int]]:
     }
 
 
-def write_config(tmp: Path, data: Path, batch: int, steps: int, log_every: int) -> Path:
-    """configs/default.yaml on data, at this per-worker batch, without evaluation or checkpoints in the window."""
-    config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+def write_config(tmp: Path, data: Path, batch: int, steps: int, log_every: int, tree: Path = ROOT) -> Path:
+    """tree's configs/default.yaml on data, at this per-worker batch, without evaluation or checkpoints in the window."""
+    config = yaml.safe_load((tree / "configs" / "default.yaml").read_text())
     config["data"]["root"] = str(data)
     config["data"]["batch_size"] = batch
     config["data"]["generate_if_missing"] = None
     config["train"].update(max_steps=steps, log_every=log_every, checkpoint_every=10 * steps, eval_every=None)
     config["monitoring"] = {"count_flops": False}
-    path = tmp / f"bench_{batch}.yaml"
+    path = tmp / f"bench_{batch}_{'here' if tree == ROOT else tree.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -64,15 +66,16 @@ def images_per_second(out_dir: Path) -> float:
     return sum(rates[1:]) / len(rates[1:])
 
 
-def run(name: str, extra: list[str], config: Path, out_dir: Path) -> tuple[float, float]:
+def run(name: str, extra: list[str], config: Path, out_dir: Path, tree: Path = ROOT) -> tuple[float, float]:
+    """The command from tree's code; returns (images/s, wall seconds)."""
     started = time.perf_counter()
     command = [sys.executable, "-m", "cluster.cli", "train", "--config", str(config), "--out-dir", str(out_dir),
                "--max-failures", "0", *extra]
     if "--no-ray" in extra:
         command.remove("--max-failures")
         command.remove("0")
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(command, cwd=tree, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tree)})
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     return images_per_second(out_dir), time.perf_counter() - started
@@ -89,35 +92,51 @@ def main() -> None:
                         help="config override for every variant (unsup3d train --set; repeatable)")
     parser.add_argument("--also-with", action="append", default=[], metavar="KEY=VALUE",
                         help="add a copy of every variant with this override too (named VARIANT+VALUE)")
+    parser.add_argument("--baseline", metavar="COMMIT",
+                        help="add a variant 'baseline': this commit's code and default config, --no-ray (no --set)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     chosen = variants(cores)
+    if args.baseline:
+        chosen = {"baseline": (["--no-ray"], 1), **chosen}
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     common = [a for kv in args.set for a in ("--set", kv)]
-    chosen = {k: (common + extra, workers) for k, (extra, workers) in chosen.items()}
+    chosen = {k: (extra if k == "baseline" else common + extra, workers) for k, (extra, workers) in chosen.items()}
     for kv in args.also_with:
         value = kv.split("=", 1)[-1]
         chosen.update({f"{k}+{value}": (extra + ["--set", kv], workers) for k, (extra, workers) in list(chosen.items())
-                       if "+" not in k})
+                       if "+" not in k and k != "baseline"})
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        trees = {k: ROOT for k in chosen}
+        if args.baseline:
+            trees["baseline"] = tmp / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(trees["baseline"]), args.baseline], cwd=ROOT,
+                           check=True, capture_output=True)
         data = tmp / "faces"
         subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--out", str(data), "--kind", "faces",
                         "--num-train", "128", "--num-val", "8", "--num-test", "8"], cwd=ROOT, check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         results: dict[str, list[float]] = {k: [] for k in chosen}
-        for r in range(args.rounds):
-            for variant, (extra, workers) in chosen.items():
-                config = write_config(tmp, data, args.batch // workers, args.steps, args.log_every)
-                rate, seconds = run(variant, extra, config, tmp / f"{variant}_{r}")
-                results[variant].append(rate)
-                print(json.dumps({"round": r, "variant": variant, "images_per_second": round(rate, 2),
-                                  "wall_seconds": round(seconds, 1), "load": os.getloadavg()[0]}), flush=True)
-    reference = sum(results["no-ray"]) / len(results["no-ray"]) if results.get("no-ray") else None
+        try:
+            for r in range(args.rounds):
+                for variant, (extra, workers) in chosen.items():
+                    tree = trees[variant]
+                    config = write_config(tmp, data, args.batch // workers, args.steps, args.log_every, tree)
+                    rate, seconds = run(variant, extra, config, tmp / f"{variant}_{r}", tree)
+                    results[variant].append(rate)
+                    print(json.dumps({"round": r, "variant": variant, "images_per_second": round(rate, 2),
+                                      "wall_seconds": round(seconds, 1), "load": os.getloadavg()[0]}), flush=True)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=ROOT,
+                               capture_output=True)
+    first = "baseline" if args.baseline else "no-ray"
+    reference = sum(results[first]) / len(results[first]) if results.get(first) else None
     for variant, rates in results.items():
         mean = sum(rates) / len(rates)
-        ratio = f", {mean / reference:.2f}x no-ray" if reference else ""
+        ratio = f", {mean / reference:.2f}x {first}" if reference else ""
         print(f"{variant}: {mean:.1f} img/s (rounds: {', '.join(f'{r:.1f}' for r in rates)}){ratio}")
 
 

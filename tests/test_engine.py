@@ -202,3 +202,38 @@ def test_deepspeed_files_are_read_without_unpickling_arbitrary_objects(tmp_path,
     (tmp_path / "state.pt").write_bytes(pickle.dumps(Boom()))
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "state.pt")
+
+
+def test_a_world_of_one_skips_the_all_reduce_and_trains_to_the_same_weights(synthetic_root, tmp_path):
+    """Without ZeRO, one process has nothing to reduce: the engine skips DeepSpeed's flatten, all-reduce
+    and copy-back, and two steps give bit for bit the weights of DeepSpeed's own all-reduce (the
+    perceptual sigma head, unused here, included: it gets a zero gradient either way)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from trainer.loop.checkpoint import fp32_model_state
+    from trainer.loop.train import seed_everything
+    from trainer.model.unsup3d import Unsup3DLoss
+
+    config = tiny(synthetic_root, tmp_path)
+    init_process_group("cpu")
+    image = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    states = []
+    for deepspeeds_own in (False, True):
+        seed_everything(0)
+        engine = build_engine(config, 1, torch.device("cpu"))
+        assert "allreduce_gradients" in vars(engine.engine), "the world of one has its own"
+        if deepspeeds_own:
+            del engine.engine.allreduce_gradients
+        criterion = Unsup3DLoss(config.loss, None, config.model)
+        for _ in range(2):
+            engine.engine.backward(criterion(image, engine.engine(image))["total"])
+            engine.engine.step()
+        states.append(fp32_model_state(engine))
+        engine.engine.destroy()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    config.engine.zero_stage = 1
+    engine = build_engine(config, 1, torch.device("cpu"))
+    assert "allreduce_gradients" not in vars(engine.engine), "ZeRO moves gradients in that call: it stays"
+    assert engine.engine.allreduce_gradients.__func__ is DeepSpeedEngine.allreduce_gradients
+    engine.engine.destroy()

@@ -139,13 +139,17 @@ class Unsup3D(nn.Module):
         with timer("nets_forward"):
             depth_raw = self.depth_net(image)[:, 0].float()
             albedo = self.albedo_net(image).float()
-            light = self.light_net(image).float()
-            view = self.view_net(image).float()
             sigmas = self.confidence_net(image) if self.confidence_net is not None else None
             view_mirrored = light_mirrored = None
             if self.mirrored_pose:
-                mirrored = image.flip(-1)
-                view_mirrored, light_mirrored = self.view_net(mirrored).float(), self.light_net(mirrored).float()
+                # The images and their mirror images in one batch: the encoders work per image, and
+                # one call of twice the batch is cheaper than two calls (issue 14).
+                both = torch.cat([image, image.flip(-1)])
+                light, light_mirrored = self.light_net(both).float().chunk(2)
+                view, view_mirrored = self.view_net(both).float().chunk(2)
+            else:
+                light = self.light_net(image).float()
+                view = self.view_net(image).float()
 
         with timer("render"), torch.autocast(device_type=image.device.type, enabled=False):
             canon_depth_raw = self.canonical_depth(depth_raw)
