@@ -123,8 +123,8 @@ Planes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def ray_planes(height: int, width: int, K: torch.Tensor) -> Planes:
     """K^-1 (u, v, 1) as three [H, W] planes: the point at depth 1 behind each pixel."""
     u, v, one = pixel_grid(height, width, dtype=K.dtype, device=K.device).unbind(-1)
-    K_inv = torch.linalg.inv(K).tolist()
-    return tuple(row[0] * u + row[1] * v + row[2] * one for row in K_inv)
+    # Entries as 0-dim tensors rather than .tolist(): no host synchronisation on a GPU.
+    return tuple(row[0] * u + row[1] * v + row[2] * one for row in torch.linalg.inv(K).unbind(0))
 
 
 def depth_to_point_planes(depth: torch.Tensor, K: torch.Tensor) -> Planes:
@@ -156,7 +156,6 @@ def inverse_transform_point_planes(points: Planes, R: torch.Tensor, t: torch.Ten
 
 def project_planes(points: Planes, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """project as planes: (u, v) pixel coordinates of camera-frame points (x, y, z)."""
-    k = K.tolist()
     x, y, z = points
-    p = [row[0] * x + row[1] * y + row[2] * z for row in k]
+    p = [row[0] * x + row[1] * y + row[2] * z for row in K.to(x).unbind(0)]
     return p[0] / p[2], p[1] / p[2]

@@ -172,7 +172,8 @@ def _screen_vertices(points, K, pixel_offset=0.0):
     px, py, pz = (p.reshape(-1) for p in points)
     inv_z = 1.0 / torch.where(pz > NEAR, pz, 1.0)
     # K (p_x, p_y, p_z) per plane: a [B*N, 3] x [3, 3] matmul is one of the slowest CPU kernels.
-    k = K.tolist()
+    # K's entries as 0-dim tensors, not K.tolist(): no host synchronisation on a GPU.
+    k = K.unbind(0)
     x = (k[0][0] * px + k[0][1] * py + k[0][2] * pz) * inv_z
     y = (k[1][0] * px + k[1][1] * py + k[1][2] * pz) * inv_z
     if pixel_offset != 0.0:  # (x - 0 would be exact too; this only saves the work)
