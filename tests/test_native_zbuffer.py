@@ -135,3 +135,15 @@ def test_a_failing_compiler_is_named_with_the_source(tmp_path):
     with pytest.raises(RuntimeError, match="false failed on .*zbuffer.c"):
         native_zbuffer.build(["false"], tmp_path / "z.so")
     assert not list(tmp_path.iterdir()), "no partial file is left behind"
+
+
+def test_a_compiled_rasteriser_hands_c_the_call_s_own_tensors():
+    """Under torch.compile the C call stays opaque (torch.compiler.disable): traced, it was handed the
+    data pointers of the tensors seen while tracing, and a compiled renderer corrupted the heap."""
+    generator = torch.Generator().manual_seed(8)
+    compiled = torch.compile(lambda v, f, K: rasterize_depth(v, f, K, 8, 8, zbuffer="native"))
+    for _ in range(3):  # new tensors every call: stale pointers would read freed memory
+        vertices, faces, K = grid_mesh(2, 8, 8, generator, 0.3, 40)
+        depth, face = compiled(vertices.clone(), faces.clone(), K.clone())
+        expected = rasterize_depth(vertices, faces, K, 8, 8, zbuffer="torch")
+        assert torch.equal(face, expected[1]) and torch.equal(depth, expected[0])

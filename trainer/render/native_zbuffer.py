@@ -121,6 +121,9 @@ def supports(screen: torch.Tensor) -> bool:
     return screen.device.type == "cpu" and screen.dtype == torch.float32
 
 
+# Opaque to torch.compile: traced, the raw data pointers handed to C could be those of the tensors
+# seen while tracing rather than of the call's own (a compiled renderer then corrupted the heap).
+@torch.compiler.disable
 def zbuffer(screen: torch.Tensor, faces: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
     """face_index [B, H, W] (long, -1 on the background) of screen vertices [3, B*N] and faces [F, 3].
 
@@ -131,6 +134,9 @@ def zbuffer(screen: torch.Tensor, faces: torch.Tensor, batch: int, height: int, 
         raise RuntimeError("the C z-buffer is not available (see the warning logged on first use)")
     if not supports(screen):
         raise ValueError(f"the C z-buffer takes float32 CPU vertices, got {screen.dtype} on {screen.device}")
+    if screen.dim() != 2 or screen.shape[0] != 3 or screen.shape[1] % batch or faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"the C z-buffer takes screen [3, B*N] and faces [F, 3], got {tuple(screen.shape)} and "
+                         f"{tuple(faces.shape)} for B = {batch}")
     screen = screen.detach().contiguous()
     faces = faces.to(device="cpu", dtype=torch.int64).contiguous()
     per_image = screen.shape[1] // batch
