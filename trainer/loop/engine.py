@@ -122,7 +122,7 @@ def _zero_missing_gradients(module: torch.nn.Module):
     """DeepSpeed's gradient all-reduce for a world of one process without ZeRO.
 
     Averaging over one process changes nothing, yet DeepSpeed flattens every gradient into one buffer
-    and copies it back: 4% of a small-width CPU step (issue 14). What its all-reduce does that
+    and copies it back: about 3% of a small-width CPU step (issue 14). What its all-reduce does that
     matters is kept: a trainable parameter without a gradient (the perceptual sigma head when
     lam_perc is 0) gets a zero one, so that Adam's weight decay moves it as in a run of several
     workers, and results stay those of the full all-reduce, bit for bit. (ZeRO 1/2 and DeepSpeed's
