@@ -76,22 +76,29 @@ class BruteForceRenderer(Renderer):
     """The renderer with the brute-force rasteriser swapped in (same pipeline otherwise)."""
 
     def render_depth(self, canon_depth, R, t):
-        original = rasterizer._fast_zbuffer
-        rasterizer._fast_zbuffer = rasterizer._brute_force_zbuffer
+        table = rasterizer._ZBUFFER_FUNCTIONS
+        original = table[self.cfg.zbuffer]
+        table[self.cfg.zbuffer] = rasterizer._table_zbuffer(rasterizer._brute_force_zbuffer)
         try:
             return super().render_depth(canon_depth, R, t)
         finally:
-            rasterizer._fast_zbuffer = original
+            table[self.cfg.zbuffer] = original
+
+
+# method name -> RendererConfig.zbuffer ("fast" is the renderer's default: the C z-buffer where it builds)
+ZBUFFER_OF_METHOD = {"fast": "auto", "fast, PyTorch z-buffer": "torch", "brute force": "auto"}
 
 
 def run(device: torch.device, args) -> list[dict]:
     rows = []
-    cases = [(size, 1, False, "fast", args.batch) for size in (64, 128, 256)]
-    cases += [(64, 2, False, "fast", args.batch), (256, 2, False, "fast", args.batch)]
-    cases += [(64, 1, True, "fast", args.hard_batch), (256, 1, True, "fast", args.hard_batch)]
+    cases = []
+    for method in ("fast", "fast, PyTorch z-buffer"):
+        cases += [(size, 1, False, method, args.batch) for size in (64, 128, 256)]
+        cases += [(64, 2, False, method, args.batch), (256, 2, False, method, args.batch)]
+        cases += [(64, 1, True, method, args.hard_batch), (256, 1, True, method, args.hard_batch)]
     cases += [(64, 1, False, "brute force", args.brute_batch)]
     for size, supersample, hard, method, batch in cases:
-        cfg = RendererConfig(image_size=size, supersample=supersample)
+        cfg = RendererConfig(image_size=size, supersample=supersample, zbuffer=ZBUFFER_OF_METHOD[method])
         renderer = (BruteForceRenderer if method == "brute force" else Renderer)(cfg)
         depth, R, t = scene(batch, size, device, hard=hard)
         slow = method == "brute force" or hard
