@@ -231,17 +231,17 @@ def build_engine(config: RunConfig, world_size: int, device: torch.device) -> En
         config=ds_config, dist_init_required=False,
     )
     install_safe_deepspeed_loader(ds_engine)
-    if world_size == 1 and engine_config.zero_stage == 0 and not ds_config["bf16"]["enabled"] \
-            and not ds_config["fp16"]["enabled"]:
+    # Without ZeRO and without DeepSpeed's bf16/fp16 optimizer, the gradients stay in param.grad
+    # until the step.
+    in_params = engine_config.zero_stage == 0 and (engine_config.precision == "fp32"
+                                                   or engine_config.mixed_precision == "autocast")
+    if world_size == 1 and in_params:
         ds_engine.allreduce_gradients = _zero_missing_gradients(ds_engine.module)
     speed_up(ds_engine.module, engine_config)
     basic = ds_engine.basic_optimizer if optimizer is None else optimizer
     gate = SkippableStep(basic)
     # fp16 overflows of the loss scaler are DeepSpeed's business (it skips and rescales); watch the loss only.
-    # Without ZeRO and without DeepSpeed's bf16/fp16 optimizer, the gradients stay in param.grad
-    # until the step: check them there, once per step.
-    in_params = engine_config.zero_stage == 0 and (engine_config.precision == "fp32"
-                                                   or engine_config.mixed_precision == "autocast")
+    # With the gradients in param.grad, check them there, once per step.
     watch = NonFiniteWatch(ds_engine.module, device, watch_gradients=engine_config.precision != "fp16",
                            gradients_in_params=in_params)
     return Engine(ds_engine, ds_engine.module, gate, watch, engine_config, ds_config)

@@ -146,14 +146,10 @@ def _table_zbuffer(table_zbuffer):
     return zbuffer
 
 
-def _native_zbuffer(screen, faces, batch, height, width):
-    return native_zbuffer.zbuffer(screen, faces, batch, height, width)
-
-
 def _auto_zbuffer(screen, faces, batch, height, width):
     if native_zbuffer.supports(screen) and native_zbuffer.available():
         return native_zbuffer.zbuffer(screen, faces, batch, height, width)
-    return _table_zbuffer(_fast_zbuffer)(screen, faces, batch, height, width)
+    return _torch_zbuffer(screen, faces, batch, height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,5 +325,6 @@ def _brute_force_zbuffer(table, faces_per_image, height, width):
     return _face_from_key(keys, f).view(batch, height, width)
 
 
+_torch_zbuffer = _table_zbuffer(_fast_zbuffer)
 ZBUFFERS = ("auto", "torch", "native")
-_ZBUFFER_FUNCTIONS = {"auto": _auto_zbuffer, "torch": _table_zbuffer(_fast_zbuffer), "native": _native_zbuffer}
+_ZBUFFER_FUNCTIONS = {"auto": _auto_zbuffer, "torch": _torch_zbuffer, "native": native_zbuffer.zbuffer}
