@@ -82,6 +82,37 @@ def test_a_triangle_soup_with_huge_off_screen_degenerate_and_near_plane_triangle
     assert not (face == 7).any(), "the tie goes to the lower face index"
 
 
+def test_long_slivers_walked_by_scanline_spans_lose_no_pixel():
+    """Triangles whose boxes hold more than BOX_MAX_AREA pixels are walked by row spans in C: long thin
+    slivers at every slope, with horizontal and vertical edges, ends on pixel centres and both windings,
+    must win exactly the pixels of the brute-force rasteriser (which tests every pixel)."""
+    size = 96
+    K = geometry.intrinsics(size)
+    f, c = K[0, 0].item(), K[0, 2].item()
+    generator = torch.Generator().manual_seed(11)
+    corners = []
+    for i in range(40):
+        u0, v0, u1, v1 = (torch.rand(4, generator=generator) * (size + 20) - 10).tolist()
+        if i % 8 == 0:
+            v1 = v0  # a horizontal sliver
+        if i % 8 == 1:
+            u1 = u0  # a vertical one
+        if i % 8 == 2:
+            u0, v0, u1, v1 = (float(round(x)) for x in (u0, v0, u1, v1))  # ends on pixel centres
+        width = 0.3 + 2 * torch.rand(1, generator=generator).item()
+        normal_u, normal_v = v1 - v0, u0 - u1
+        norm = math.hypot(normal_u, normal_v) or 1.0
+        u2, v2 = (u0 + u1) / 2 + width * normal_u / norm, (v0 + v1) / 2 + width * normal_v / norm
+        z = 0.8 + 0.4 * torch.rand(1, generator=generator).item()
+        tri = [(u0, v0), (u1, v1), (u2, v2)] if i % 2 else [(u1, v1), (u0, v0), (u2, v2)]
+        corners += [[(u - c) / f * z, (v - c) / f * z, z] for u, v in tri]
+    vertices = torch.tensor(corners).unsqueeze(0)
+    faces = torch.arange(vertices.shape[1]).view(-1, 3)
+    face = assert_native_is_the_torch_path(vertices, faces, K, size, size)
+    assert (face >= 0).sum() > 1000
+    assert torch.equal(face, rasterize_depth_brute_force(vertices, faces, K, size, size)[1])
+
+
 def test_bad_face_indices_are_named():
     vertices = torch.rand(1, 3, 3) + torch.tensor([0.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="outside 0..2"):

@@ -3,9 +3,11 @@
  * Same result as the PyTorch fast path, bit for bit: the same coverage rule and the same float32
  * operations in the same order (compiled with -ffp-contract=off, so that no multiply-add is fused),
  * and the same int64 key per (face, pixel) candidate: the depth's float32 bits in the high 32 bits,
- * the batch face index in the low 32; the smallest key wins. Each triangle visits every pixel of
- * its bounding box widened by BOX_MARGIN, a superset of the PyTorch path's candidates: a pixel the
- * edge test rejects changes nothing, so the winners are the same.
+ * the batch face index in the low 32; the smallest key wins. A triangle whose bounding box (widened
+ * by BOX_MARGIN) holds at most BOX_MAX_AREA pixel centres visits all of them; a larger one visits,
+ * row by row, the span between its edges' crossings of that row widened by SPAN_MARGIN (long thin
+ * triangles would otherwise pay for their whole box). Both are supersets of the pixels the edge test
+ * accepts, and a pixel the edge test rejects changes nothing, so the winners are the PyTorch path's.
  *
  * screen: [3, batch * verts_per_image] float32, rows x, y, 1/z (rasterizer._screen_vertices; a
  *         vertex that cannot be drawn has 1/z = 0).
@@ -15,9 +17,15 @@
  * Returns 0, or -1 when a face refers to a vertex outside 0 .. verts_per_image - 1.
  */
 #include <stdint.h>
+#include <math.h> /* INFINITY only: no libm call */
 #include <string.h>
 
 #define BOX_MARGIN 0.01f
+/* pixel_candidates.BOX_MAX_AREA: larger boxes are walked by scanline spans. */
+#define BOX_MAX_AREA 8
+/* Half a pixel: far more than the float rounding of a span's ends (a fraction of a thousandth of a
+ * pixel at these image sizes), so that no pixel the edge test accepts falls outside its span. */
+#define SPAN_MARGIN 0.5f
 #define FACE_BITS 32
 
 /* Plain comparisons rather than fminf/fmaxf/floorf/ceilf, which without -ffast-math are library
@@ -34,6 +42,24 @@ static inline int64_t floor_small(float v) {
 static inline int64_t ceil_small(float v) {
     const int64_t t = (int64_t)v;
     return t + ((float)t < v);
+}
+
+/* The x-interval [*left, *right] where the triangle meets row y, from the edges whose y-range reaches
+ * the row within SPAN_MARGIN; the parameter along each edge is clamped to [0, 1], so a horizontal edge
+ * or a row just beyond an edge's ends gives that edge's end points (pixel_candidates._row_spans). */
+static inline void row_span(float y, const float *x, const float *yv, float *left, float *right) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int e = 0; e < 3; e++) {
+        const float xa = x[e], ya = yv[e], xb = x[(e + 1) % 3], yb = yv[(e + 1) % 3];
+        if (!(min2(ya, yb) - SPAN_MARGIN <= y && y <= max2(ya, yb) + SPAN_MARGIN)) continue;
+        const float dy = yb - ya;
+        const float t = dy == 0 ? 0.0f : clampf((y - ya) / dy, 0.0f, 1.0f);
+        const float xr = xa + t * (xb - xa);
+        lo = min2(lo, xr);
+        hi = max2(hi, xr);
+    }
+    *left = lo;
+    *right = hi;
 }
 
 int64_t unsup3d_zbuffer_f32(const float *screen, int64_t batch, int64_t verts_per_image,
@@ -64,9 +90,22 @@ int64_t unsup3d_zbuffer_f32(const float *screen, int64_t batch, int64_t verts_pe
             const int64_t col_lo = ceil_small(clampf(lo_x, 0.0f, (float)width));
             const int64_t col_hi = floor_small(clampf(hi_x, -1.0f, (float)(width - 1)));
             const uint64_t batch_face = (uint64_t)(b * faces_per_image + f);
+            const int by_spans = (row_hi - row_lo + 1) * (col_hi - col_lo + 1) > BOX_MAX_AREA;
+            const float tx[3] = {x0, x1, x2}, ty[3] = {y0, y1, y2};
             for (int64_t row = row_lo; row <= row_hi; row++) {
                 const float py = (float)row;
-                for (int64_t col = col_lo; col <= col_hi; col++) {
+                int64_t first = col_lo, last = col_hi;
+                if (by_spans) {
+                    float left, right;
+                    row_span(py, tx, ty, &left, &right);
+                    if (!(left <= right)) continue;
+                    /* Clamped like the box, before converting. */
+                    const int64_t span_first = ceil_small(clampf(left - SPAN_MARGIN, 0.0f, (float)width));
+                    const int64_t span_last = floor_small(clampf(right + SPAN_MARGIN, -1.0f, (float)(width - 1)));
+                    first = span_first > col_lo ? span_first : col_lo;
+                    last = span_last < col_hi ? span_last : col_hi;
+                }
+                for (int64_t col = first; col <= last; col++) {
                     const float px = (float)col;
                     /* rasterizer._edge_functions */
                     const float ax = x0 - px, ay = y0 - py;
