@@ -17,6 +17,9 @@ Variants:
   ray-1x{N}     --workers 1: the embedded default, one worker with every core (N threads)
   ray-{N}x1     --workers N --cpus-per-worker 1: one single-threaded worker per core, batch split
   ray-1x1       --workers 1 --cpus-per-worker 1: the embedded default before issue 16
+  torchrun-{N}x1  the direct run of the ray-{N}x1 layout: torchrun starts N single-threaded processes
+                (OMP_NUM_THREADS=1, gloo on 127.0.0.1), batch split; no Ray (issue 14: the embedded
+                default must train as fast as a direct run)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +46,18 @@ def variants(cores: int) -> dict[str, tuple[list[str], int]]:
         f"ray-1x{cores}": (["--workers", "1"], 1),
         f"ray-{cores}x1": (["--workers", str(cores), "--cpus-per-worker", "1"], cores),
         "ray-1x1": (["--workers", "1", "--cpus-per-worker", "1"], 1),
+        f"torchrun-{cores}x1": ([TORCHRUN], cores),
     }
+
+
+# A marker in a variant's arguments: start the command with torchrun instead of as one process.
+TORCHRUN = "--torchrun"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(tmp: Path, data: Path, batch: int, steps: int, log_every: int, tree: Path = ROOT) -> Path:
@@ -66,16 +81,21 @@ def images_per_second(out_dir: Path) -> float:
     return sum(rates[1:]) / len(rates[1:])
 
 
-def run(name: str, extra: list[str], config: Path, out_dir: Path, tree: Path = ROOT) -> tuple[float, float]:
+def run(name: str, extra: list[str], config: Path, out_dir: Path, tree: Path = ROOT,
+        workers: int = 1) -> tuple[float, float]:
     """The command from tree's code; returns (images/s, wall seconds)."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "cluster.cli", "train", "--config", str(config), "--out-dir", str(out_dir),
-               "--max-failures", "0", *extra]
-    if "--no-ray" in extra:
-        command.remove("--max-failures")
-        command.remove("0")
-    done = subprocess.run(command, cwd=tree, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    launcher = [sys.executable]
+    if TORCHRUN in extra:
+        extra = [a for a in extra if a != TORCHRUN]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers),
+                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        env["OMP_NUM_THREADS"] = "1"
+    command = [*launcher, "-m", "cluster.cli", "train", "--config", str(config), "--out-dir", str(out_dir), *extra]
+    if "--no-ray" not in extra and launcher == [sys.executable]:
+        command += ["--max-failures", "0"]
+    done = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     return images_per_second(out_dir), time.perf_counter() - started
@@ -87,6 +107,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32, help="global batch (split among the workers)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--faces", type=int, default=128,
+                        help="training faces generated for the runs (an epoch is faces / batch steps)")
     parser.add_argument("--only", help="comma-separated variant names")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every variant (unsup3d train --set; repeatable)")
@@ -116,7 +138,7 @@ def main() -> None:
                            check=True, capture_output=True)
         data = tmp / "faces"
         subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--out", str(data), "--kind", "faces",
-                        "--num-train", "128", "--num-val", "8", "--num-test", "8"], cwd=ROOT, check=True,
+                        "--num-train", str(args.faces), "--num-val", "8", "--num-test", "8"], cwd=ROOT, check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         results: dict[str, list[float]] = {k: [] for k in chosen}
         try:
@@ -124,7 +146,7 @@ def main() -> None:
                 for variant, (extra, workers) in chosen.items():
                     tree = trees[variant]
                     config = write_config(tmp, data, args.batch // workers, args.steps, args.log_every, tree)
-                    rate, seconds = run(variant, extra, config, tmp / f"{variant}_{r}", tree)
+                    rate, seconds = run(variant, extra, config, tmp / f"{variant}_{r}", tree, workers)
                     results[variant].append(rate)
                     print(json.dumps({"round": r, "variant": variant, "images_per_second": round(rate, 2),
                                       "wall_seconds": round(seconds, 1), "load": os.getloadavg()[0]}), flush=True)
