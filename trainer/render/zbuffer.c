@@ -23,8 +23,9 @@
 #define BOX_MARGIN 0.01f
 /* pixel_candidates.BOX_MAX_AREA: larger boxes are walked by scanline spans. */
 #define BOX_MAX_AREA 8
-/* Half a pixel: far more than the float rounding of a span's ends (a fraction of a thousandth of a
- * pixel at these image sizes), so that no pixel the edge test accepts falls outside its span. */
+/* Half a pixel: far more than the float rounding of a span's ends (about a hundredth of a pixel even
+ * for vertices 10^5 pixels off screen), so that no pixel the edge test accepts falls outside its span.
+ * The PyTorch path's spans use 1e-3 (pixel_candidates.ENUMERATION_MARGIN): these contain them. */
 #define SPAN_MARGIN 0.5f
 #define FACE_BITS 32
 
