@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.loop.process_group import free_port  # noqa: E402
 
 
 def variants(cores: int) -> dict[str, tuple[list[str], int]]:
@@ -52,12 +54,6 @@ def variants(cores: int) -> dict[str, tuple[list[str], int]]:
 
 # A marker in a variant's arguments: start the command with torchrun instead of as one process.
 TORCHRUN = "--torchrun"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp: Path, data: Path, batch: int, steps: int, log_every: int, tree: Path = ROOT) -> Path:
@@ -87,13 +83,14 @@ def run(name: str, extra: list[str], config: Path, out_dir: Path, tree: Path = R
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(tree)}
     launcher = [sys.executable]
-    if TORCHRUN in extra:
+    torchrun = TORCHRUN in extra
+    if torchrun:
         extra = [a for a in extra if a != TORCHRUN]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers),
-                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(workers),
+                     "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         env["OMP_NUM_THREADS"] = "1"
     command = [*launcher, "-m", "cluster.cli", "train", "--config", str(config), "--out-dir", str(out_dir), *extra]
-    if "--no-ray" not in extra and launcher == [sys.executable]:
+    if not torchrun and "--no-ray" not in extra:  # Ray's retries: a failure should end the benchmark
         command += ["--max-failures", "0"]
     done = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
     if done.returncode != 0:
