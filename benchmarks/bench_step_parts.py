@@ -25,6 +25,7 @@ a two-worker run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -43,6 +44,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.bench_train import cpu_name  # noqa: E402
 from benchmarks.profile_step import RECIPES, Step, recipe_config  # noqa: E402
+from trainer.model.unsup3d import Unsup3DLoss  # noqa: E402
 
 NETS = ("depth_net", "albedo_net", "confidence_net", "light_net", "view_net")
 
@@ -81,10 +83,6 @@ def make_parts(step: Step, autocast):
         model.zero_grad(set_to_none=True)
 
     # The glue runs on a copy of the model whose nets return the real nets' outputs for this batch.
-    import copy
-
-    from trainer.model.unsup3d import Unsup3DLoss
-
     glue_model = copy.deepcopy(model)
     with torch.no_grad(), autocast():
         for name, net in nets.items():
