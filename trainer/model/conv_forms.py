@@ -52,10 +52,10 @@ def few_channel_conv(x: torch.Tensor, weight: torch.Tensor, factor: int) -> torc
     shifted = [F.pad(weight, (b, window - k - b, a, window - k - a)) for a in range(r) for b in range(r)]
     block_weight = torch.stack(shifted, dim=1).reshape(cout * r * r, cin, window, window)
     # The block at (r i, r j) reads input rows r i - k // 2 .. r i + r - 1 + k // 2: the window, with
-    # the same k // 2 of zero padding on every side as the original ('same') convolution. (Padded
-    # here rather than by conv2d's padding: 10% faster with oneDNN's strided kernels.)
-    pad = k // 2
-    y = F.conv2d(F.pad(x, (pad, pad, pad, pad)), block_weight, stride=r)
+    # the same k // 2 of zero padding on every side as the original ('same') convolution. (conv2d's
+    # own padding, not F.pad: a padded copy is copied once more in the backward pass, and the five
+    # nets' step ran 3 to 5% slower with it; BENCHMARKS.md, "The nets alone against the target".)
+    y = F.conv2d(x, block_weight, stride=r, padding=k // 2)
     return F.pixel_shuffle(y, r)
 
 
