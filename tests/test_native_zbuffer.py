@@ -134,8 +134,8 @@ def test_auto_uses_torch_for_float64_and_the_result_is_the_same():
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     """native_zbuffer as in a new process, with an empty cache folder."""
-    monkeypatch.setattr(native_zbuffer, "_tried", False)
-    monkeypatch.setattr(native_zbuffer, "_library", None)
+    monkeypatch.setattr(native_zbuffer.LIBRARY, "_tried", False)
+    monkeypatch.setattr(native_zbuffer.LIBRARY, "_library", None)
     monkeypatch.setenv("UNSUP3D_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 

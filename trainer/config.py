@@ -220,7 +220,9 @@ class EngineConfig:
     Same update up to rounding; 'fused' measured fastest on CPU (BENCHMARKS.md, issue 14)."""
     channels_last: bool = False
     """Run the five nets in channels-last memory layout (weights and input). Same results up to
-    rounding; whether it is faster depends on the CPU and the widths (BENCHMARKS.md, issue 14).
+    rounding. On CPU their GroupNorm then runs in C (trainer/model/group_norm_nhwc.py): one worker
+    alone steps 1.05 to 1.14x faster at widths 16, two workers sharing 2 cores no faster, so it is
+    off by default (BENCHMARKS.md, issue 14, "The nets in channels-last, with GroupNorm in C").
     Only with zero_stage 0 and autocast (or fp32): ZeRO and DeepSpeed's bf16/fp16 optimizer keep
     the parameters in flat buffers of the default layout."""
     compile: bool = False

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from trainer.model.conv_forms import FewChannelConv2d, NearestUpsampledConv2d
+from trainer.model.group_norm_nhwc import GroupNormNHWC
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(channels // 4, channels)
+    # nn.GroupNorm's parameters and function; channels-last CPU maps go to C (group_norm_nhwc.py).
+    return GroupNormNHWC(channels // 4, channels)
 
 
 def extra_stages(image_size: int) -> int:

@@ -22,6 +22,13 @@ from trainer.render.renderer import Renderer, RendererConfig
 from trainer.loop.timing import NO_TIMER, SectionTimer
 
 
+def float_maps(maps: torch.Tensor) -> torch.Tensor:
+    """A net's output maps as float32 in the default (NCHW) layout, in one copy. With
+    engine.channels_last the nets write channels-last maps, on which the renderer's and losses' CPU
+    ops are slower."""
+    return maps.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def map_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Map [-1, 1] to [low, high]."""
     return (1 + x) / 2 * high + (1 - x) / 2 * low
@@ -137,8 +144,8 @@ class Unsup3D(nn.Module):
     def decompose(self, image: torch.Tensor, timer: SectionTimer = NO_TIMER) -> Decomposition:
         """Infer depth, albedo, light and view from images [B, 3, H, W] in [-1, 1] and render both branches."""
         with timer("nets_forward"):
-            depth_raw = self.depth_net(image)[:, 0].float()
-            albedo = self.albedo_net(image).float()
+            depth_raw = float_maps(self.depth_net(image))[:, 0]
+            albedo = float_maps(self.albedo_net(image))
             sigmas = self.confidence_net(image) if self.confidence_net is not None else None
             view_mirrored = light_mirrored = None
             if self.mirrored_pose:
@@ -177,7 +184,7 @@ class Unsup3D(nn.Module):
 
             sigma_photometric = sigma_perceptual = None
             if sigmas is not None:
-                photometric, perceptual = (s.float() for s in sigmas)
+                photometric, perceptual = (float_maps(s) for s in sigmas)
                 # channel 0 weights the original branch, channel 1 the flipped one
                 sigma_photometric = torch.cat([photometric[:, 0:1], photometric[:, 1:2]])
                 sigma_perceptual = torch.cat([perceptual[:, 0:1], perceptual[:, 1:2]])

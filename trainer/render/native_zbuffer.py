@@ -5,110 +5,55 @@ pass over a few hundred thousand (face, pixel) candidates: on CPU it was a seven
 training step (issue 14). The C loop does the same arithmetic in one pass, with the same result
 bit for bit (tests/test_native_zbuffer.py), a dozen times faster.
 
-It needs a C compiler at run time (`$CC`, else Python's configured compiler, else `cc`); no PyTorch
-headers, so compiling takes well under a second. The library is built once per source version into
-the cache folder (`$UNSUP3D_CACHE`, else `$XDG_CACHE_HOME/unsup3d`, else `~/.cache/unsup3d`), by an
-atomic rename, so concurrent workers never load a half-written file. Where no compiler works, one
-warning is logged and the rasteriser uses the PyTorch path: slower, same results.
+Built on first use into the cache folder by trainer/native_library.py (it needs a C compiler at run
+time). Where no compiler works, one warning is logged and the rasteriser uses the PyTorch path:
+slower, same results.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sysconfig
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
+from trainer import native_library
+from trainer.native_library import NativeLibrary
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("zbuffer.c")
-# No fused multiply-adds (they would round differently from PyTorch's separate mul and sub), no
-# fast-math, no -march=native (the cache may be shared by machines of different CPUs).
-CFLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-std=c99")
-
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
 
 
-def cache_folder() -> Path:
-    """Where compiled libraries are kept (module docstring)."""
-    if os.environ.get("UNSUP3D_CACHE"):
-        return Path(os.environ["UNSUP3D_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "unsup3d"
+def _declare(library: ctypes.CDLL) -> None:
+    function = library.unsup3d_zbuffer_f32
+    function.restype = ctypes.c_int64
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+
+
+LIBRARY = NativeLibrary(SOURCE, _declare, "the slower PyTorch z-buffer", log)
 
 
 def compiler() -> list[str] | None:
-    """The C compiler command, or None where there is none."""
-    configured = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    command = shlex.split(configured)
-    if command and shutil.which(command[0]):
-        return command
-    return shutil.which("cc") and ["cc"]
+    """The C compiler command, or None where there is none (native_library.compiler)."""
+    return native_library.compiler()
 
 
 def library_path(command: list[str]) -> Path:
-    """The cached library's path: named by the source, flags, compiler and platform it was built from."""
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), " ".join(command).encode(),
-                 platform.machine().encode(), platform.system().encode()):
-        digest.update(part + b"\0")
-    return cache_folder() / f"zbuffer-{digest.hexdigest()[:16]}.so"
+    """The cached library's path for this compiler command."""
+    return LIBRARY.library_path(command)
 
 
 def build(command: list[str], target: Path) -> None:
     """Compile zbuffer.c into target (atomically); raises RuntimeError with the compiler's message."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial.so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([*command, *CFLAGS, str(SOURCE), "-o", partial],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed on {SOURCE}: {result.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    LIBRARY.build(command, target)
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled z-buffer, building it on first use; None (after one warning) where that fails."""
-    global _library, _tried
-    with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        command = compiler()
-        if command is None:
-            log.warning("rasterizer: no C compiler found (set CC); using the slower PyTorch z-buffer")
-            return None
-        try:
-            target = library_path(command)
-            if not target.exists():
-                build(command, target)
-            library = ctypes.CDLL(str(target))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            log.warning("rasterizer: could not build or load the C z-buffer (%s); using the slower PyTorch z-buffer",
-                        error)
-            return None
-        function = library.unsup3d_zbuffer_f32
-        function.restype = ctypes.c_int64
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-        _library = library
-        return _library
+    return LIBRARY.load(compiler)
 
 
 def available() -> bool:

@@ -21,7 +21,7 @@ the fast path visits, per triangle, only the pixels near it:
 
 Cost grows with pixels (plus the area of the triangles), not pixels x faces. The brute-force
 version below shares steps 3 to 5 bit for bit and is the reference of the tests. Steps 2 to 4 also
-exist as one C loop (zbuffer.c, built and loaded by native_zbuffer.py), which gives the same
+exist as one C loop (zbuffer.c, called by native_zbuffer.py), which gives the same
 winners bit for bit and is what runs on CPU in float32 where a C compiler is available: in PyTorch
 they are some 500 elementwise passes over the candidates, a seventh of a small-width training step.
 
