@@ -87,23 +87,31 @@ class NativeLibrary:
     def load(self, find_compiler: Callable[[], list[str] | None] | None = None) -> ctypes.CDLL | None:
         """The compiled library, building it on first use; None (after one warning) where that fails.
         find_compiler: defaults to this module's compiler(), looked up at the call."""
+        if self._tried:  # the hot path (every GroupNorm call): no lock once settled
+            return self._library
         with self._lock:
             if self._tried:
                 return self._library
-            self._tried = True
-            command = (find_compiler or compiler)()
-            name = self.source.name
-            if command is None:
-                self.log.warning("%s: no C compiler found (set CC); using %s", name, self.fallback)
-                return None
             try:
-                target = self.library_path(command)
-                if not target.exists():
-                    self.build(command, target)
-                library = ctypes.CDLL(str(target))
-                self.declare(library)
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
-                self.log.warning("%s: could not build or load it (%s); using %s", name, error, self.fallback)
-                return None
-            self._library = library
-            return library
+                self._library = self._build_and_load(find_compiler or compiler)
+            finally:
+                # Set last: the lock-free read above must never see _tried before _library.
+                self._tried = True
+            return self._library
+
+    def _build_and_load(self, find_compiler: Callable[[], list[str] | None]) -> ctypes.CDLL | None:
+        command = find_compiler()
+        name = self.source.name
+        if command is None:
+            self.log.warning("%s: no C compiler found (set CC); using %s", name, self.fallback)
+            return None
+        try:
+            target = self.library_path(command)
+            if not target.exists():
+                self.build(command, target)
+            library = ctypes.CDLL(str(target))
+            self.declare(library)
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+            self.log.warning("%s: could not build or load it (%s); using %s", name, error, self.fallback)
+            return None
+        return library
